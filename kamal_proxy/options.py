@@ -1,0 +1,95 @@
+"""Run options and the file locations shared by the server and the CLI (SPEC §2.2, §2.4, §3.4)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Mapping
+
+ENV_PREFIX = "KAMAL_PROXY_"
+SOCKET_NAME = "kamal-proxy.sock"
+STATE_NAME = "kamal-proxy.state"
+
+
+@dataclass(slots=True)
+class RunOptions:
+    http_port: int = 80
+    https_port: int = 443
+    metrics_port: int = 0
+    debug: bool = False
+    http3: bool = False
+    # Where the state file lives; None means the data directory's default.
+    state_path: str | None = None
+    # ACME directory and CA bundle overrides (issue: TLS); empty means per-service/default.
+    acme_directory: str = ""
+    acme_ca_bundle: str = ""
+
+
+def env_lookup(key: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """``KAMAL_PROXY_<key>`` wins whenever it exists (even empty), else ``<key>``."""
+    env = os.environ if environ is None else environ
+    prefixed = ENV_PREFIX + key
+    if prefixed in env:
+        return env[prefixed]
+    return env.get(key)
+
+
+_ATOI = re.compile(r"^[+-]?[0-9]+$")
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def env_int(key: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    """Go's ``strconv.Atoi`` of the env value; anything unparsable keeps the built-in default."""
+    value = env_lookup(key, environ)
+    if value is None or not _ATOI.match(value):
+        return default
+    return int(value)
+
+
+def env_bool(key: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    value = env_lookup(key, environ)
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return default
+
+
+def temp_dir(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("TMPDIR") or tempfile.gettempdir()
+
+
+def socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """The control socket: ``KAMAL_PROXY_SOCKET`` verbatim, else ``<runtime dir>/kamal-proxy.sock``."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("KAMAL_PROXY_SOCKET")
+    if explicit:
+        return explicit
+    runtime = env.get("XDG_RUNTIME_DIR") or temp_dir(env)
+    return os.path.join(runtime, SOCKET_NAME)
+
+
+def data_dir(environ: Mapping[str, str] | None = None) -> str:
+    """``$HOME/.config/kamal-proxy``, created with mode 0700; the temp dir when that fails."""
+    env = os.environ if environ is None else environ
+    home = env.get("HOME") or os.path.expanduser("~")
+    if not home or home == "~":
+        home = temp_dir(env)
+    path = os.path.join(home, ".config", "kamal-proxy")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError:
+        return temp_dir(env)
+    return path
+
+
+def state_path(environ: Mapping[str, str] | None = None) -> str:
+    return os.path.join(data_dir(environ), STATE_NAME)
+
+
+def default_acme_cache_path(environ: Mapping[str, str] | None = None) -> str:
+    return os.path.join(data_dir(environ), "certs")
