@@ -1,0 +1,233 @@
+"""Assemble the server: one ``MultiService`` shared by ``kamal-proxy run`` and ``twistd kamal-proxy``.
+
+Start order is the SPEC's (§4.1): restore state, metrics, HTTP and HTTPS listeners, control
+socket, then ``Server started``.  Stop order is the reverse, with a bounded graceful drain.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+
+from twisted.application import service as appservice
+from twisted.application.internet import TCPServer, UNIXServer
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory
+
+from kamal_proxy import options as paths
+from kamal_proxy.control.server import ControlProtocol
+from kamal_proxy.observe.events import info, warn
+from kamal_proxy.options import RunOptions
+from kamal_proxy.routing.router import Router
+
+SHUTDOWN_DEADLINE = 10.0
+
+
+class StartupError(Exception):
+    """Printed as ``Error: <message>`` by ``run``; the process exits 1."""
+
+
+class RestoreState(appservice.Service):
+    """Restores the routing state before any listener opens."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def startService(self) -> None:
+        super().startService()
+        self.router.restore()
+
+
+class ControlSocket(appservice.Service):
+    """The AMP control socket: mode 0600, never stolen from a live server."""
+
+    def __init__(self, reactor, path: str, router: Router) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.router = router
+        self.port = None
+
+    def startService(self) -> None:
+        super().startService()
+        if _socket_is_live(self.path):
+            raise StartupError(
+                f"listen unix {self.path}: another kamal-proxy is already running on this socket"
+            )
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        factory = Factory.forProtocol(lambda: ControlProtocol(self.router, self.router))
+        old_umask = os.umask(0o177)
+        try:
+            self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600, wantPID=False)
+        except error.CannotListenError as e:
+            raise StartupError(f"listen unix {self.path}: bind: {_reason(e)}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    def stopService(self):
+        super().stopService()
+        d = defer.maybeDeferred(self.port.stopListening) if self.port else defer.succeed(None)
+
+        def unlink(_):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+        return d.addBoth(unlink)
+
+
+class Listener(appservice.Service):
+    """A TCP listener on all interfaces whose stop waits for requests in flight (SPEC §4.2)."""
+
+    def __init__(self, reactor, port: int, factory, tracker, tls_context=None) -> None:
+        self.reactor = reactor
+        self.requested_port = port
+        self.factory = factory
+        self.tracker = tracker
+        self.tls_context = tls_context
+        self.port = None
+
+    @property
+    def bound_port(self) -> int:
+        return self.port.getHost().port
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            if self.tls_context is not None:
+                self.port = self.reactor.listenSSL(
+                    self.requested_port, self.factory, self.tls_context, interface="::"
+                )
+            else:
+                self.port = self.reactor.listenTCP(
+                    self.requested_port, self.factory, backlog=1024, interface="::"
+                )
+        except error.CannotListenError as e:
+            raise StartupError(
+                f"listen tcp :{self.requested_port}: bind: {_reason(e)}"
+            ) from None
+
+    def stopService(self):
+        super().stopService()
+        if self.port is None:
+            return None
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+class GracefulShutdown(appservice.Service):
+    """Lets requests in flight finish for up to 10 seconds, then closes what is left."""
+
+    def __init__(self, reactor, tracker) -> None:
+        self.reactor = reactor
+        self.tracker = tracker
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        self.tracker.close_idle()
+        finished = self.tracker.wait_idle()
+        timer = self.reactor.callLater(SHUTDOWN_DEADLINE, finished.cancel)
+        try:
+            await finished
+        except defer.CancelledError:
+            warn("Closing active connections")
+            self.tracker.abort_all()
+        finally:
+            if timer.active():
+                timer.cancel()
+
+
+class Announce(appservice.Service):
+    def __init__(self, http: Listener, https: Listener) -> None:
+        self.http = http
+        self.https = https
+
+    def startService(self) -> None:
+        super().startService()
+        info("Server started", http=self.http.bound_port, https=self.https.bound_port)
+
+
+
+def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    from kamal_proxy.proxy.resource import RoutingResource
+    from kamal_proxy.proxy.channel import make_site
+    from kamal_proxy.tls.listener import https_context
+
+    state_path = options.state_path or paths.state_path()
+    router = Router(reactor, state_path)
+    top = appservice.MultiService()
+    top.router = router
+
+    RestoreState(router).setServiceParent(top)
+
+    http_resource = RoutingResource(reactor, router, port=options.http_port, secure=False)
+    https_resource = RoutingResource(reactor, router, port=options.https_port, secure=True)
+    tracker = http_resource.tracker
+    https_resource.tracker = tracker
+    # Stopped last (services stop in reverse order): the drain runs after listeners closed.
+    GracefulShutdown(reactor, tracker).setServiceParent(top)
+
+    http = Listener(reactor, options.http_port, make_site(http_resource, reactor), tracker)
+    https = Listener(
+        reactor,
+        options.https_port,
+        make_site(https_resource, reactor),
+        tracker,
+        tls_context=https_context(router),
+    )
+    http.setServiceParent(top)
+    https.setServiceParent(top)
+    ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)
+    Announce(http, https).setServiceParent(top)
+    return top
+
+
+def run_server(options: RunOptions) -> int:
+    """``kamal-proxy run``: start, serve until SIGTERM/SIGINT, return the exit code."""
+    from twisted.internet import reactor
+
+    from kamal_proxy.observe.log import start_logging
+
+    start_logging(debug=options.debug)
+    try:
+        top = make_service(options, reactor)
+        top.startService()
+    except StartupError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    def shutdown():
+        return top.stopService().addBoth(lambda _: info("Server stopped"))
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+    return 0
+
+
+def _reason(e: error.CannotListenError) -> str:
+    err = e.socketError
+    code = getattr(err, "errno", None) or (err.args[0] if getattr(err, "args", None) else None)
+    if isinstance(code, int):
+        return os.strerror(code).lower() if code != errno.EADDRINUSE else "address already in use"
+    return str(err)
+
+
+def _socket_is_live(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True

@@ -1,0 +1,128 @@
+"""The AMP responder: one command in, one Router call, one reply or ``CommandFailed``.
+
+The socket is a security boundary: besides its 0600 mode, connections from any other user
+than the server's own (or root) are refused by their peer credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+
+from twisted.internet import defer
+from twisted.protocols import amp
+
+from kamal_proxy.control import commands
+from kamal_proxy.observe.events import warn
+from kamal_proxy.routing.options import ServiceOptions, TargetOptions
+from kamal_proxy.routing.router import Router, RouterError
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, router: Router, controller=None) -> None:
+        super().__init__()
+        self.router = router
+        # Pause/stop/resume and rollout live in their own controller (traffic issue).
+        self.controller = controller
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        uid = _peer_uid(self.transport)
+        if uid is not None and uid not in (0, os.getuid()):
+            warn("Refused control connection from another user", uid=uid)
+            self.transport.abortConnection()
+
+    async def _run(self, coro_or_value):
+        try:
+            if hasattr(coro_or_value, "__await__"):
+                await coro_or_value
+        except RouterError as e:
+            raise commands.CommandFailed(str(e)) from None
+        return {}
+
+    @commands.Deploy.responder
+    def deploy(
+        self,
+        service,
+        targets,
+        readers,
+        deploy_timeout,
+        drain_timeout,
+        force,
+        service_options,
+        target_options,
+    ):
+        try:
+            options = ServiceOptions.from_json(json.loads(service_options))
+            topts = TargetOptions.from_json(json.loads(target_options))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise commands.CommandFailed(f"invalid options: {e}") from None
+        return defer.ensureDeferred(
+            self._run(
+                self.router.deploy(
+                    service,
+                    list(targets),
+                    list(readers),
+                    deploy_timeout,
+                    drain_timeout,
+                    force,
+                    options,
+                    topts,
+                )
+            )
+        )
+
+    @commands.Remove.responder
+    def remove(self, service):
+        try:
+            self.router.remove(service)
+        except RouterError as e:
+            raise commands.CommandFailed(str(e)) from None
+        return {}
+
+    @commands.List.responder
+    def list_services(self):
+        return {"services": json.dumps(self.router.list_services())}
+
+    def _controller_call(self, name: str, *args):
+        if self.controller is None:
+            raise commands.CommandFailed(f"{name} is not supported yet")
+        return defer.ensureDeferred(self._run(getattr(self.controller, name)(*args)))
+
+    @commands.Pause.responder
+    def pause(self, service, drain_timeout, pause_timeout):
+        return self._controller_call("pause", service, drain_timeout, pause_timeout)
+
+    @commands.Stop.responder
+    def stop(self, service, drain_timeout, message):
+        return self._controller_call("stop", service, drain_timeout, message)
+
+    @commands.Resume.responder
+    def resume(self, service):
+        return self._controller_call("resume", service)
+
+    @commands.RolloutDeploy.responder
+    def rollout_deploy(self, service, targets, readers, deploy_timeout, drain_timeout):
+        return self._controller_call(
+            "rollout_deploy", service, list(targets), list(readers), deploy_timeout, drain_timeout
+        )
+
+    @commands.RolloutSet.responder
+    def rollout_set(self, service, percentage, allowlist):
+        return self._controller_call("rollout_set", service, percentage, list(allowlist))
+
+    @commands.RolloutStop.responder
+    def rollout_stop(self, service):
+        return self._controller_call("rollout_stop", service)
+
+
+def _peer_uid(transport) -> int | None:
+    try:
+        sock = transport.getHandle()
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid

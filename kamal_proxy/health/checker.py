@@ -1,0 +1,160 @@
+"""Health checks: one ``LoopingCall`` per target that GETs the health path (SPEC §12.1).
+
+A check that is still running when the next tick comes is not doubled up: the tick is dropped,
+which is what a fixed-rate Go ticker with a blocking receiver does.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Callable
+from urllib.parse import quote, urljoin
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+
+from kamal_proxy.observe.events import info
+from kamal_proxy.routing.options import HealthCheckConfig
+
+USER_AGENT = b"kamal-proxy"
+MAX_REDIRECTS = 10
+
+
+def health_check_url(address: str, config: HealthCheckConfig) -> str:
+    """``http://<host>:<port><path>`` with the path joined and escaped as Go's url package does."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = address, ""
+    if config.port > 0:
+        port = str(config.port)
+    authority = f"{host}:{port}" if port else host
+    return f"http://{authority}{_join_path(config.path)}"
+
+
+def _join_path(path: str) -> str:
+    cleaned = posixpath.normpath("/" + path)
+    if cleaned.startswith("//"):
+        cleaned = "/" + cleaned.lstrip("/")
+    if path.endswith("/") and cleaned != "/":
+        cleaned += "/"
+    return quote(cleaned, safe="/$&+,:;=@~")
+
+
+class HealthCheckFailed(Exception):
+    pass
+
+
+class HealthCheck:
+    """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        address: str,
+        config: HealthCheckConfig,
+        report: Callable[[bool], None],
+        agent: Agent | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.url = health_check_url(address, config)
+        self._host = config.host.encode("utf-8") if config.host else None
+        self._interval = config.interval / 1e9
+        self._timeout = config.timeout / 1e9
+        self._report = report
+        self._agent = agent or Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._running: defer.Deferred | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._interval <= 0:
+            raise ValueError("health check interval must be positive")
+        self._loop.start(self._interval, now=True)
+
+    def close(self) -> None:
+        """Stop checking; an in-flight check is cancelled and its result ignored."""
+        self._closed = True
+        if self._loop.running:
+            self._loop.stop()
+        if self._running is not None:
+            self._running.cancel()
+
+    def _tick(self) -> None:
+        # Returning nothing keeps LoopingCall on its fixed schedule; a check still running
+        # when a tick arrives makes that tick a no-op.
+        if self._running is not None or self._closed:
+            return
+        d = defer.ensureDeferred(self.check())
+        self._running = d
+
+        def finished(result: object) -> None:
+            self._running = None
+            if self._closed:
+                return
+            self._report(result is None)
+
+        d.addBoth(finished)
+
+    async def check(self) -> None | str:
+        """One check; returns None on success, or the error text (also logged) on failure."""
+        d = defer.ensureDeferred(self._check_once())
+        timer = self._reactor.callLater(max(self._timeout, 0), d.cancel)
+        try:
+            await d
+        except defer.CancelledError:
+            if self._closed:
+                return "cancelled"
+            return self._failed("request timed out")
+        except HealthCheckFailed as e:
+            return self._failed(str(e))
+        except Exception as e:  # noqa: BLE001 - every failure is just "unhealthy"
+            return self._failed(_error_text(e))
+        finally:
+            if timer.active():
+                timer.cancel()
+        return None
+
+    def _failed(self, text: str) -> str:
+        info("Healthcheck failed", url=self.url, error=text)
+        return text
+
+    async def _check_once(self) -> None:
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            status, location = await self._get(url)
+            if 200 <= status < 300:
+                return
+            if status in (301, 302, 303, 307, 308) and location:
+                url = urljoin(url, location)
+                continue
+            raise HealthCheckFailed(f"unexpected status ({status})")
+        raise HealthCheckFailed("stopped after 10 redirects")
+
+    async def _get(self, url: str) -> tuple[int, str | None]:
+        headers = Headers({b"User-Agent": [USER_AGENT]})
+        if self._host is not None:
+            headers.setRawHeaders(b"Host", [self._host])
+        response = await self._agent.request(b"GET", url.encode("utf-8"), headers)
+        try:
+            await readBody(response)
+        except Exception:  # noqa: BLE001 - a truncated body still tells us the status
+            pass
+        location = response.headers.getRawHeaders(b"location", [None])[0]
+        return response.code, location.decode("latin-1") if location else None
+
+
+def _error_text(e: Exception) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.DNSLookupError):
+        return f"lookup failed: {e}"
+    if isinstance(e, (error.TimeoutError, defer.TimeoutError)):
+        return "request timed out"
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(str(r.value) for r in reasons)
+    return str(e) or e.__class__.__name__

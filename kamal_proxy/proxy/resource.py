@@ -1,0 +1,562 @@
+"""The routing resource: every request's pipeline, in the order of SPEC §5.
+
+Like Twisted's ``ReverseProxyResource`` it forwards the request and relays the answer, but it
+chooses the upstream per request from the Router, reuses pooled keep-alive connections, and
+streams bodies both ways with producer/consumer flow control.  The stages are plain method calls
+in one visible place (``render`` then ``_proxy``); a stage that fails a request picks an error
+page instead of writing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+from urllib.parse import quote, unquote
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from kamal_proxy.observe.events import error as log_error
+from kamal_proxy.observe.events import info
+from kamal_proxy.observe.log import log_request
+from kamal_proxy.proxy import pages
+from kamal_proxy.proxy.channel import ClientGone, MalformedBody
+from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
+from kamal_proxy.routing.table import host_without_port
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-length"}
+READ_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+class ConnectionTracker:
+    """Requests in flight on the public listeners, so shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.active: set[Any] = set()
+        self._waiters: list[defer.Deferred] = []
+
+    def add(self, request: Any) -> None:
+        self.active.add(request)
+
+    def remove(self, request: Any) -> None:
+        self.active.discard(request)
+        if not self.active and self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_idle(self) -> defer.Deferred:
+        if not self.active:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def close_idle(self) -> None:
+        """Idle keep-alive connections end with the reactor; nothing to wait for."""
+
+    def abort_all(self) -> None:
+        for request in list(self.active):
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+
+def _is_websocket(headers) -> bool:
+    upgrade = headers.getRawHeaders(b"upgrade")
+    if not upgrade or upgrade[0].lower() != b"websocket":
+        return False
+    connection = headers.getRawHeaders(b"connection")
+    return bool(connection) and any(b"upgrade" in c.lower() for c in connection)
+
+
+class RoutingResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, reactor, router, *, port: int, secure: bool) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.router = router
+        self.port = port
+        self.secure = secure
+        self.scheme = "https" if secure else "http"
+        self.proto_value = b"https" if secure else b"http"
+        self.tracker = ConnectionTracker()
+
+    def getChild(self, path, request):  # pragma: no cover - isLeaf
+        return self
+
+    def render(self, request: server.Request):
+        exchange = ProxyExchange(self, request)
+        exchange.run()
+        return server.NOT_DONE_YET
+
+
+class ProxyExchange:
+    """One client request on its way through the pipeline; also the upstream's response sink
+    and the target's view of an in-flight request (for draining)."""
+
+    __slots__ = (
+        "res",
+        "request",
+        "started",
+        "status",
+        "service",
+        "target",
+        "upstream",
+        "upgraded",
+        "tunnel",
+        "finished",
+        "host",
+        "path",
+        "response_bytes",
+        "request_id",
+        "remote_addr",
+        "log_extra",
+    )
+
+    def __init__(self, res: RoutingResource, request: server.Request) -> None:
+        self.res = res
+        self.request = request
+        self.started = time.monotonic_ns()
+        self.status = 200
+        self.service = None
+        self.target = None
+        self.upstream = None
+        self.upgraded = False
+        self.tunnel = None
+        self.finished = False
+        self.response_bytes = 0
+        self.log_extra: dict[str, str] | None = None
+
+    # -- P2..P16: the pipeline ----------------------------------------------
+
+    def run(self) -> None:
+        request = self.request
+        headers = request.requestHeaders
+        res = self.res
+        res.tracker.add(request)
+        request.notifyFinish().addErrback(self._client_gone)
+
+        # P2 request start, P3 request id
+        start = headers.getRawHeaders(b"x-request-start")
+        if not start or not start[0]:
+            headers.setRawHeaders(b"x-request-start", [b"t=%d" % (time.time_ns() // 1_000_000)])
+        rid = headers.getRawHeaders(b"x-request-id")
+        if not rid or not rid[0]:
+            rid = [str(uuid.uuid4()).encode("ascii")]
+            headers.setRawHeaders(b"x-request-id", rid)
+        self.request_id = rid[0]
+
+        host_values = headers.getRawHeaders(b"host")
+        self.host = host_values[0].decode("utf-8", "surrogateescape") if host_values else ""
+        self.path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
+        xff = headers.getRawHeaders(b"x-forwarded-for")
+        self.remote_addr = xff[0].decode("latin-1") if xff else None
+
+        # P6 routing
+        match = res.router.lookup(self.host, self.path)
+        if match is None:
+            self.fail(404)
+            return
+        service = match.service
+        self.service = service
+
+        # P8 client IP header
+        if service.client_ip_header:
+            value = headers.getRawHeaders(service.client_ip_header)
+            if value and value[0]:
+                headers.setRawHeaders(b"x-forwarded-for", [value[0]])
+                self.remote_addr = value[0].decode("latin-1")
+
+        # P12 TLS mismatch, P13 redirects
+        options = service.options
+        if res.secure and not options.tls_enabled:
+            self.fail(503)
+            return
+        if self._redirect(options):
+            return
+
+        # P15/P16 target selection
+        lb = service.active
+        is_read = request.method in READ_METHODS and (
+            lb is None or lb.read_targets_accept_websockets or not _is_websocket(headers)
+        )
+        target = lb.choose(is_read) if lb is not None else None
+        if target is None or target.draining:
+            self.fail(503)
+            return
+        self.target = target
+        self._proxy(match.prefix if options.strip_prefix and match.prefix != "/" else None)
+
+    def _redirect(self, options) -> bool:
+        res = self.res
+        host = host_without_port(self.host)
+        want_https = options.tls_enabled and options.tls_redirect and not res.secure
+        canonical = options.canonical_host
+        want_host = canonical if canonical and canonical != host else host
+        if not want_https and want_host == host:
+            return False
+        scheme = "https" if (want_https or res.secure) else "http"
+        uri = self.request.uri
+        if uri.startswith(b"http://") or uri.startswith(b"https://"):
+            uri = b"/" + uri.split(b"/", 3)[3] if uri.count(b"/") >= 3 else b"/"
+        location = f"{scheme}://{want_host}{uri.decode('latin-1')}"
+        request = self.request
+        request.setResponseCode(301)
+        request.responseHeaders.setRawHeaders(b"location", [location.encode("utf-8")])
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        body = b""
+        if request.method in READ_METHODS:
+            request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+            if request.method == b"GET":
+                body = b'<a href="%s">Moved Permanently</a>.\n\n' % pages.html_escape(
+                    location
+                ).encode("utf-8")
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.status = 301
+        if body:
+            request.write(body)
+            self.response_bytes = len(body)
+        self._finish()
+        return True
+
+    # -- P18..P22: forwarding -----------------------------------------------
+
+    def _proxy(self, stripped_prefix: str | None) -> None:
+        request = self.request
+        target = self.target
+        service = self.service
+        res = self.res
+        topts = service.target_options
+        headers_in = request.requestHeaders
+
+        # Path: raw unless a prefix was stripped (then re-encoded from the decoded form).
+        if stripped_prefix is None:
+            path = request.path
+        else:
+            rest = self.path[len(stripped_prefix) :] or "/"
+            if not rest.startswith("/"):
+                rest = "/" + rest
+            path = quote(rest, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape").encode(
+                "latin-1"
+            )
+        uri = request.uri
+        q = uri.find(b"?")
+        if q >= 0:
+            path = path + uri[q:]
+
+        connection_tokens: set[bytes] = set()
+        for value in headers_in.getRawHeaders(b"connection", ()):
+            for token in value.split(b","):
+                connection_tokens.add(token.strip().lower())
+
+        out: list[tuple[bytes, bytes]] = []
+        host_values = headers_in.getRawHeaders(b"host")
+        out.append(
+            (b"Host", host_values[0] if host_values and host_values[0] else target.address.encode())
+        )
+        for name, values in headers_in.getAllRawHeaders():
+            lname = name.lower()
+            if lname in DROPPED or lname in connection_tokens:
+                continue
+            for v in values:
+                out.append((name, v))
+
+        te = headers_in.getRawHeaders(b"te")
+        if te and any(b"trailers" in v.lower() for v in te):
+            out.append((b"Te", b"trailers"))
+        upgrade = headers_in.getRawHeaders(b"upgrade") if b"upgrade" in connection_tokens else None
+        if upgrade:
+            out.append((b"Connection", b"Upgrade"))
+            out.append((b"Upgrade", upgrade[0]))
+
+        # Forwarding headers (SPEC §9.2)
+        client_ip = _client_ip(request)
+        forward = topts.forward_headers
+        xff_in = headers_in.getRawHeaders(b"x-forwarded-for")
+        if client_ip is not None:
+            if forward and xff_in:
+                out.append((b"X-Forwarded-For", b", ".join(xff_in) + b", " + client_ip))
+            else:
+                out.append((b"X-Forwarded-For", client_ip))
+        xfh = headers_in.getRawHeaders(b"x-forwarded-host") if forward else None
+        if xfh and xfh[0]:
+            out.append((b"X-Forwarded-Host", xfh[0]))
+        else:
+            out.append((b"X-Forwarded-Host", host_values[0] if host_values else b""))
+        xfp = headers_in.getRawHeaders(b"x-forwarded-proto") if forward else None
+        out.append((b"X-Forwarded-Proto", xfp[0] if xfp and xfp[0] else res.proto_value))
+        kamal_target = target.address.encode("utf-8")
+        existing = headers_in.getRawHeaders(b"x-kamal-target") if forward else None
+        if existing:
+            kamal_target = b", ".join(existing) + b", " + kamal_target
+        out.append((b"X-Kamal-Target", kamal_target))
+
+        body = getattr(request, "body_producer", None)
+        if body is not None and body.length == 0:
+            body = None
+        if body is not None and body.length is not UNKNOWN_LENGTH:
+            pass
+
+        target.start_request(self)
+        self.upstream = target.pool.forward(
+            request.method, path, out, body, self, timeout=target.response_timeout
+        )
+        self.upstream.done.addCallbacks(self._upstream_done, self._upstream_failed)
+
+    # -- ResponseSink ---------------------------------------------------------
+
+    def informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        request = self.request
+        transport = getattr(request.channel, "transport", None)
+        if request.clientproto != b"HTTP/1.1" or transport is None or self.finished:
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        lines.append(b"\r\n")
+        transport.writeSequence(lines)
+
+    def response_started(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+    ) -> None:
+        request = self.request
+        if self.finished:
+            return
+        self.status = status
+        request.setResponseCode(status, reason or None)
+        rh = request.responseHeaders
+        for name in (b"content-type", b"server", b"date"):
+            rh.removeHeader(name)
+        for k, v in headers:
+            rh.addRawHeader(k, v)
+        if status == 101:
+            return
+        if self.upstream is not None:
+            request.registerProducer(self.upstream, True)
+
+    def response_data(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.response_bytes += len(data)
+        self.request.write(data)
+
+    def upgraded(self, tunnel) -> None:
+        request = self.request
+        self.upgraded = True
+        self.tunnel = tunnel
+        self.status = 101
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        lines += [
+            b"%s: %s\r\n" % (k, v) for k, vs in request.responseHeaders.getAllRawHeaders() for v in vs
+        ]
+        lines.append(b"\r\n")
+        transport = request.channel.transport
+        transport.writeSequence(lines)
+        protocol = tunnel.attach(transport)
+        request.take_over_transport(protocol)
+        tunnel.done.addBoth(self._tunnel_closed)
+
+    def _tunnel_closed(self, _result: object) -> None:
+        self._end(log=True)
+
+    # -- endings ----------------------------------------------------------------
+
+    def _upstream_done(self, _result: object) -> None:
+        if self.upgraded:
+            return
+        request = self.request
+        if not self.finished:
+            if request.producer is not None:
+                request.unregisterProducer()
+            self._finish()
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        exc = failure.value
+        if isinstance(exc, defer.CancelledError):
+            return  # the canceller already answered (drain) or the client left
+        if isinstance(exc, UpstreamAborted) or (self.upstream and self.upstream.response_started):
+            self.status = self.status or 502
+            self._abort_client()
+            return
+        if isinstance(exc, UpstreamTimeout):
+            self.fail(504)
+        elif isinstance(exc, MalformedBody):
+            info("Malformed request", target=self.target.address, path=self.path, error=str(exc))
+            self.fail(400)
+        elif isinstance(exc, ClientGone):
+            self._client_gone(failure)
+        else:
+            log_error(
+                "Error while proxying",
+                target=self.target.address if self.target else "",
+                path=self.path,
+                error=str(exc) if isinstance(exc, UpstreamError) else repr(exc),
+            )
+            self.fail(502)
+
+    def cancel_for_drain(self) -> None:
+        """Called by the target's drain (SPEC §13.2)."""
+        if self.finished:
+            return
+        if self.upgraded:
+            if self.tunnel is not None:
+                self.tunnel.close()
+            return
+        info("Request cancelled due to draining", target=self.target.address, path=self.path)
+        started = self.upstream is not None and self.upstream.response_started
+        if self.upstream is not None:
+            self.upstream.cancel()
+        if started:
+            self._abort_client()
+        else:
+            self.fail(504)
+
+    def _client_gone(self, failure: Failure | None) -> None:
+        if self.finished:
+            return
+        self.status = 499
+        if self.upstream is not None:
+            self.upstream.cancel()
+        self._end(log=True)
+
+    def _abort_client(self) -> None:
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        self._end(log=True)
+
+    def fail(self, status: int, message: str | None = None) -> None:
+        """Answer with an error page, unless the response has already started."""
+        if self.finished:
+            return
+        request = self.request
+        if request.startedWriting:
+            self._abort_client()
+            return
+        self.status = status
+        custom = self.service.error_pages if self.service is not None and status != 404 else None
+        body = pages.render_page(status, message, custom)
+        request.setResponseCode(status)
+        rh = request.responseHeaders
+        for name in list(dict(rh.getAllRawHeaders())):
+            rh.removeHeader(name)
+        rh.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+        rh.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        self.response_bytes = len(body)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        request = self.request
+        if not request._disconnected:
+            request.finish()
+        self._end(log=True)
+
+    def _end(self, log: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.res.tracker.remove(self.request)
+        if self.target is not None:
+            self.target.end_request(self)
+        if log:
+            self._log()
+
+    def _log(self) -> None:
+        request = self.request
+        h = request.requestHeaders
+        client_addr, client_port = _peer(request)
+        cl = h.getRawHeaders(b"content-length")
+        if cl:
+            req_len = int(cl[0]) if cl[0].isdigit() else -1
+        elif h.getRawHeaders(b"transfer-encoding"):
+            req_len = -1
+        else:
+            req_len = 0
+        uri = request.uri
+        q = uri.find(b"?")
+        service = self.service
+        target = self.target
+        fields: dict[str, Any] = {
+            "host": self.host,
+            "port": self.res.port,
+            "path": self.path,
+            "request_id": self.request_id.decode("latin-1"),
+            "status": self.status,
+            "service": service.name if service is not None else "",
+            "target": target.address if target is not None else "",
+            "duration": time.monotonic_ns() - self.started,
+            "method": request.method.decode("latin-1"),
+            "req_content_length": req_len,
+            "req_content_type": _first(h, b"content-type"),
+            "resp_content_length": self.response_bytes,
+            "resp_content_type": _first(request.responseHeaders, b"content-type"),
+            "client_addr": client_addr,
+            "client_port": client_port,
+            "remote_addr": self.remote_addr or client_addr,
+            "user_agent": _first(h, b"user-agent"),
+            "proto": request.clientproto.decode("latin-1").replace("HTTP/2", "HTTP/2.0"),
+            "scheme": self.res.scheme,
+            "query": uri[q + 1 :].decode("latin-1") if q >= 0 else "",
+        }
+        if target is not None and service is not None:
+            for name in service.log_request_headers:
+                fields["req_" + name.lower().replace("-", "_")] = ",".join(
+                    v.decode("latin-1") for v in h.getRawHeaders(name, ())
+                )
+            for name in service.log_response_headers:
+                fields["resp_" + name.lower().replace("-", "_")] = ",".join(
+                    v.decode("latin-1") for v in request.responseHeaders.getRawHeaders(name, ())
+                )
+        log_request(fields)
+
+
+def _first(headers, name: bytes) -> str:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else ""
+
+
+def _peer(request) -> tuple[str, str]:
+    """The client's IP and port; IPv4 peers of the dual-stack listener lose their ``::ffff:``."""
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None) or ""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    port = getattr(peer, "port", None)
+    return host, "" if port is None else str(port)
+
+
+def _client_ip(request) -> bytes | None:
+    host = _peer(request)[0]
+    return host.encode("ascii") if host else None
+
+
+def _reason(status: int) -> bytes:
+    from twisted.web.http import RESPONSES
+
+    return RESPONSES.get(status, b"")

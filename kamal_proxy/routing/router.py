@@ -1,0 +1,305 @@
+"""The Router: the one owner of routing state, and the deploy/remove orchestration (SPEC §13).
+
+Control commands mutate it; the routing resource reads ``router.table`` on every request.  The
+reactor thread is the lock: a deploy swaps the table and the service's active balancer in one
+synchronous step, so a request sees either the old configuration or the new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from kamal_proxy.durations import format_duration
+from kamal_proxy.observe.events import debug, error, info
+from kamal_proxy.routing import state as statefile
+from kamal_proxy.routing.balancer import LoadBalancer
+from kamal_proxy.routing.options import (
+    OptionsError,
+    ServiceOptions,
+    TargetOptions,
+    validate_service_options,
+)
+from kamal_proxy.routing.service import PauseState, Service
+from kamal_proxy.routing.table import RoutingTable
+from kamal_proxy.routing.target import Target
+
+CONFLICT_MESSAGE = "host is used by another service"
+
+
+class RouterError(Exception):
+    """A command failed; ``str()`` is what the CLI prints after ``Error: ``."""
+
+
+def rollout_split_point(percentage: int) -> float:
+    return 4294967295.0 * (percentage / 100.0)
+
+
+class Router:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        state_path: str | None,
+        pool_factory: Callable | None = None,
+        service_setup: Callable[[Service], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.state_path = state_path
+        self.services: dict[str, Service] = {}
+        self._pool_factory = pool_factory
+        # Builds per-service extras (certificates, error pages); raises RouterError to refuse.
+        self._service_setup = service_setup
+        self.table: RoutingTable = RoutingTable.build([], "")
+
+    # -- reading ----------------------------------------------------------
+
+    def lookup(self, host: str, path: str):
+        return self.table.lookup(host, path)
+
+    def list_services(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, service in self.services.items():
+            lb = service.active
+            out[name] = {
+                "host": ",".join(service.options.hosts) or "*",
+                "path": ",".join(service.options.path_prefixes),
+                "tls": service.options.tls_enabled,
+                "target": ",".join(t.address for t in lb.targets) if lb else "",
+                "state": service.state_name,
+            }
+        return out
+
+    # -- building ---------------------------------------------------------
+
+    def _balancer(
+        self,
+        targets: list[str],
+        readers: list[str],
+        options: ServiceOptions,
+        target_options: TargetOptions,
+    ) -> LoadBalancer:
+        try:
+            writers = [Target(self.reactor, a, target_options, self._pool_factory) for a in targets]
+            read = [Target(self.reactor, a, target_options, self._pool_factory) for a in readers]
+        except OptionsError as e:
+            raise RouterError(str(e)) from None
+        return LoadBalancer(
+            writers,
+            read,
+            options.writer_affinity_timeout,
+            options.read_targets_accept_websockets,
+        )
+
+    def _rebuild_table(self) -> None:
+        self.table = RoutingTable.build(
+            list(self.services.values()), self.table.default_tls_host
+        )
+
+    # -- commands ---------------------------------------------------------
+
+    async def deploy(
+        self,
+        name: str,
+        targets: list[str],
+        readers: list[str],
+        deploy_timeout: int,
+        drain_timeout: int,
+        force: bool,
+        options: ServiceOptions,
+        target_options: TargetOptions,
+    ) -> None:
+        try:
+            validate_service_options(options)
+        except OptionsError as e:
+            raise RouterError(str(e)) from None
+        if target_options.health_check_config.interval <= 0:
+            raise RouterError("health check interval must be greater than zero")
+        options = options.normalized()
+        attrs = {
+            "service": name,
+            "targets": list(targets),
+            "hosts": list(options.hosts),
+            "paths": list(options.path_prefixes),
+            "tls": options.tls_enabled,
+        }
+        info("Deploying", **attrs)
+
+        lb = self._balancer(targets, readers, options, target_options)
+        lb.start()
+        if not force:
+            await self._wait_healthy(lb, deploy_timeout)
+
+        try:
+            previous = self._install(name, options, target_options, lb, slot="active")
+        except RouterError:
+            lb.retire()
+            self.save()
+            raise
+        self.save()
+        if previous is not None:
+            await self._drain_and_retire(previous, drain_timeout)
+        info("Deployed", **attrs)
+
+    async def _wait_healthy(self, lb: LoadBalancer, timeout: int) -> None:
+        waiting = lb.wait_healthy()
+        timer = self.reactor.callLater(max(timeout, 0) / 1e9, waiting.cancel)
+        try:
+            await waiting
+        except defer.CancelledError:
+            lb.retire()
+            raise RouterError(
+                "target failed to become healthy within configured timeout "
+                f"({format_duration(timeout)})"
+            ) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _install(
+        self,
+        name: str,
+        options: ServiceOptions,
+        target_options: TargetOptions,
+        lb: LoadBalancer,
+        slot: str,
+    ) -> LoadBalancer | None:
+        """Conflict check, service update and the switch, all in one reactor turn."""
+        other = self.table.conflicting_service(name, options)
+        if other is not None:
+            error("Host settings conflict with another service", service=other.name)
+            raise RouterError(CONFLICT_MESSAGE)
+
+        service = self.services.get(name)
+        candidate = Service(name, options, target_options)
+        if self._service_setup is not None:
+            self._service_setup(candidate)  # may raise RouterError: nothing changed yet
+        if service is None:
+            service = candidate
+            self.services[name] = service
+        else:
+            service.set_options(options, target_options)
+            service.error_pages = candidate.error_pages
+            service.certificates = candidate.certificates
+        previous = getattr(service, slot)
+        setattr(service, slot, lb)
+        self._rebuild_table()
+        return previous
+
+    async def _drain_and_retire(self, lb: LoadBalancer, drain_timeout: int) -> None:
+        lb.stop()
+        try:
+            await lb.drain(drain_timeout / 1e9)
+        finally:
+            lb.retire()
+
+    def remove(self, name: str) -> None:
+        service = self.services.pop(name, None)
+        if service is None:
+            self.save()
+            raise RouterError("service not found")
+        for lb in service.balancers():
+            lb.stop()
+        self._rebuild_table()
+        self.save()
+        # In-flight requests are left to finish on their own (SPEC §13.4); idle upstream
+        # connections go once they are done.
+        for lb in service.balancers():
+            self.reactor.callLater(0, _retire_when_idle, self.reactor, lb)
+
+    def get(self, name: str) -> Service:
+        service = self.services.get(name)
+        if service is None:
+            raise RouterError("service not found")
+        return service
+
+    # -- persistence ------------------------------------------------------
+
+    def snapshot(self) -> list[statefile.ServiceState]:
+        states = []
+        for service in self.services.values():
+            active, rollout = service.active, service.rollout
+            states.append(
+                statefile.ServiceState(
+                    name=service.name,
+                    options=service.options,
+                    target_options=service.target_options,
+                    active_targets=active.writer_addresses if active else [],
+                    active_readers=active.reader_addresses if active else [],
+                    rollout_targets=rollout.writer_addresses if rollout else None,
+                    rollout_readers=rollout.reader_addresses if rollout else None,
+                    pause_state=int(service.pause_state),
+                    stop_message=service.stop_message,
+                    fail_after=service.fail_after,
+                    rollout=service.rollout_split,
+                )
+            )
+        return states
+
+    def save(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            statefile.save(self.state_path, self.snapshot())
+        except Exception as e:  # noqa: BLE001 - a failed save must not fail the command
+            error("Unable to save state", error=str(e), path=self.state_path)
+            return
+        debug("Saved state", path=self.state_path)
+
+    def restore(self) -> None:
+        """Rebuild every saved service at once, all healthy (SPEC §15.3); all or nothing."""
+        path = self.state_path
+        if path is None:
+            return
+        try:
+            states = statefile.load(path)
+        except statefile.StateError as e:
+            error("Failed to decode saved state", path=path, error=str(e))
+            return
+        except OSError as e:
+            error("Failed to restore saved state", path=path, error=str(e))
+            return
+        if states is None:
+            info("No previous state to restore", path=path)
+            return
+        try:
+            services = [self._rebuild(s) for s in states]
+        except (RouterError, OptionsError) as e:
+            error("Failed to restore saved state", path=path, error=str(e))
+            return
+        for service in services:
+            self.services[service.name] = service
+            for lb in service.balancers():
+                lb.start()
+                lb.mark_all_healthy()
+        self._rebuild_table()
+        info("Restored saved state", path=path)
+
+    def _rebuild(self, saved: statefile.ServiceState) -> Service:
+        options = saved.options.normalized()
+        service = Service(saved.name, options, saved.target_options)
+        if self._service_setup is not None:
+            self._service_setup(service)
+        service.active = self._balancer(
+            saved.active_targets, saved.active_readers, options, saved.target_options
+        )
+        if saved.rollout_targets:
+            service.rollout = self._balancer(
+                saved.rollout_targets,
+                saved.rollout_readers or [],
+                options,
+                saved.target_options,
+            )
+        service.pause_state = PauseState(saved.pause_state or 0)
+        service.stop_message = saved.stop_message
+        service.fail_after = saved.fail_after
+        service.rollout_split = saved.rollout
+        return service
+
+
+def _retire_when_idle(reactor: IReactorTime, lb: LoadBalancer, attempts: int = 3600) -> None:
+    if attempts <= 0 or not any(t.inflight for t in lb.targets):
+        lb.retire()
+        return
+    reactor.callLater(1, _retire_when_idle, reactor, lb, attempts - 1)

@@ -1,0 +1,52 @@
+"""One deployed service: its options, its active (and rollout) load balancer, its pause state."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from kamal_proxy.routing.balancer import LoadBalancer
+from kamal_proxy.routing.options import ServiceOptions, TargetOptions
+
+
+class PauseState(enum.IntEnum):
+    RUNNING = 0
+    PAUSED = 1
+    STOPPED = 2
+
+
+class Service:
+    """Everything a request needs to know about where it goes, computed at deploy time."""
+
+    def __init__(self, name: str, options: ServiceOptions, target_options: TargetOptions) -> None:
+        self.name = name
+        self.active: LoadBalancer | None = None
+        self.rollout: LoadBalancer | None = None
+        self.rollout_split: dict[str, Any] | None = None
+        self.pause_state = PauseState.RUNNING
+        self.stop_message = ""
+        self.fail_after = 0
+        self.error_pages: Any = None
+        self.certificates: Any = None
+        self.set_options(options, target_options)
+
+    def set_options(self, options: ServiceOptions, target_options: TargetOptions) -> None:
+        self.options = options
+        self.target_options = target_options
+        hc = target_options.health_check_config
+        self.health_check_path = hc.path
+        self.exclude_metrics_paths = frozenset(options.exclude_metrics_paths)
+        self.client_ip_header = options.client_ip_header.lower().encode("latin-1")
+        self.log_request_headers = list(target_options.log_request_headers)
+        self.log_response_headers = list(target_options.log_response_headers)
+
+    @property
+    def state_name(self) -> str:
+        return {
+            PauseState.RUNNING: "running",
+            PauseState.PAUSED: "paused",
+            PauseState.STOPPED: "stopped",
+        }[self.pause_state]
+
+    def balancers(self) -> list[LoadBalancer]:
+        return [lb for lb in (self.active, self.rollout) if lb is not None]

@@ -1,0 +1,937 @@
+"""Harness for the end-to-end tests: the real ``kamal-proxy run`` process, real upstream
+processes, the real CLI, and plain HTTP over loopback.
+
+Everything here is synchronous (subprocess, sockets, ``http.client``): the proxy is another
+process, so blocking the test's reactor thread costs nothing and keeps the tests readable.
+Every wait is bounded, every process is stopped by its PID, and every helper that starts
+something registers its cleanup on the test case.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import errno
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from twisted.trial import unittest
+
+from tests.integration.upstream_app import pattern_bytes, read_ws_frame, ws_frame
+
+__all__ = [
+    "CliResult",
+    "HttpClient",
+    "IntegrationTestCase",
+    "ProxyProcess",
+    "Response",
+    "UpstreamProcess",
+    "WebSocketClient",
+    "eventually",
+    "free_port",
+    "http_request",
+    "pattern_bytes",
+    "raw_exchange",
+    "raw_status",
+    "shared_proxy",
+    "shared_upstream",
+]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UPSTREAM_APP = os.path.join(HERE, "upstream_app.py")
+
+# Variables of the test runner's environment that would change the proxy's behaviour.
+_SCRUBBED_ENV = (
+    "HTTP_PORT",
+    "HTTPS_PORT",
+    "METRICS_PORT",
+    "DEBUG",
+    "XDG_RUNTIME_DIR",
+    "http_proxy",
+    "https_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Child pre-exec hook: SIGKILL the child if the test runner dies (Linux only).
+
+    Only spawn from the main thread: the signal fires when the *thread* that forked exits.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Signal one process by PID, wait bounded, SIGKILL as a last resort; returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+    return proc.returncode
+
+
+def proxy_command() -> list[str]:
+    """The ``kamal-proxy`` console script installed next to this Python (a normal install).
+
+    ``KAMAL_PROXY_TEST_BIN`` overrides it, e.g. to run the suite against another build.
+    """
+    override = os.environ.get("KAMAL_PROXY_TEST_BIN")
+    if override:
+        return [override]
+    script = os.path.join(os.path.dirname(sys.executable), "kamal-proxy")
+    if os.path.exists(script):
+        return [script]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from kamal_proxy.cli.main import main; sys.exit(main())",
+    ]
+
+
+def free_port() -> int:
+    """An ephemeral TCP port that is free on all interfaces right now (the proxy binds ``:P``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unix_socket_accepts(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns a truthy value; the last value or AssertionError."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError as e:
+            last_error = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {last_error!r})")
+        time.sleep(interval)
+
+
+class _LineCollector(threading.Thread):
+    """Reads a pipe line by line in the background so the child never blocks on output."""
+
+    def __init__(self, stream, on_line: Callable[[str], None]):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.on_line = on_line
+
+    def run(self) -> None:
+        try:
+            for raw in iter(self.stream.readline, b""):
+                self.on_line(raw.decode("utf-8", "replace").rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+    elapsed: float = 0.0
+
+    def __iter__(self):
+        return iter((self.code, self.out, self.err))
+
+
+class ProxyProcess:
+    """One ``kamal-proxy run`` with its own HOME and control socket, on free loopback ports."""
+
+    def __init__(
+        self,
+        extra_args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        home: str | None = None,
+        http_port: int | None = None,
+        https_port: int | None = None,
+    ):
+        self.root = tempfile.mkdtemp(prefix="kp-it-")
+        self.home = home or os.path.join(self.root, "home")
+        os.makedirs(self.home, exist_ok=True)
+        self.socket_dir = os.path.join(self.root, "run")
+        os.makedirs(self.socket_dir, exist_ok=True)
+        self.socket_path = os.path.join(self.socket_dir, "kamal-proxy.sock")
+        self.http_port = http_port or free_port()
+        self.https_port = https_port or free_port()
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.records: list[dict] = []
+        self.bad_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._cond = threading.Condition()
+        self._readers: list[_LineCollector] = []
+        self.starts = 0
+
+    # -- environment ------------------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in _SCRUBBED_ENV and not k.startswith("KAMAL_PROXY_")
+        }
+        env["HOME"] = self.home
+        env["KAMAL_PROXY_SOCKET"] = self.socket_path
+        env["NO_PROXY"] = "*"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.home, ".config", "kamal-proxy")
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.data_dir, "kamal-proxy.state")
+
+    def run_args(self) -> list[str]:
+        return [
+            "run",
+            "--http-port",
+            str(self.http_port),
+            "--https-port",
+            str(self.https_port),
+            *self.extra_args,
+        ]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0, wait_ready: bool = True) -> ProxyProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with self._cond:
+            self.lines.clear()
+            self.records.clear()
+            self.bad_lines.clear()
+            self.stderr_lines.clear()
+        self.proc = subprocess.Popen(
+            proxy_command() + self.run_args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=self.root,
+            preexec_fn=_die_with_parent,
+        )
+        self.starts += 1
+        self._readers = [
+            _LineCollector(self.proc.stdout, self._on_stdout),
+            _LineCollector(self.proc.stderr, self._on_stderr),
+        ]
+        for reader in self._readers:
+            reader.start()
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Ready = the control socket accepts connections and the HTTP port answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._join_readers()
+                raise AssertionError(
+                    f"kamal-proxy run exited with {self.proc.returncode} during start-up\n"
+                    + self.describe()
+                )
+            if unix_socket_accepts(self.socket_path) and port_open(self.http_port):
+                return
+            time.sleep(0.05)
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"kamal-proxy run not ready within {timeout}s\n" + self.describe())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Stop by PID (SIGTERM, bounded wait, SIGKILL fallback); returns the exit code."""
+        if self.proc is None:
+            return None
+        code = _stop_pid(self.proc, sig, timeout)
+        self._join_readers()
+        return code
+
+    def _join_readers(self) -> None:
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def restart(self, timeout: float = 20.0) -> ProxyProcess:
+        """Stop and start again with the same HOME, socket and ports."""
+        code = self.stop()
+        assert code == 0, f"kamal-proxy exited {code} on SIGTERM\n" + self.describe()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGTERM, timeout=12)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _on_stdout(self, line: str) -> None:
+        with self._cond:
+            self.lines.append(line)
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    self.bad_lines.append(line)
+                else:
+                    if isinstance(record, dict):
+                        self.records.append(record)
+                    else:
+                        self.bad_lines.append(line)
+            self._cond.notify_all()
+
+    def _on_stderr(self, line: str) -> None:
+        with self._cond:
+            self.stderr_lines.append(line)
+
+    def log_mark(self) -> int:
+        """A position in the log; pass it as ``since`` to look only at later lines."""
+        with self._cond:
+            return len(self.records)
+
+    def logs(self, msg: str | None = None, since: int = 0, **attrs: Any) -> list[dict]:
+        with self._cond:
+            records = list(self.records[since:])
+        return [r for r in records if _matches(r, msg, attrs)]
+
+    def wait_for_log(
+        self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any
+    ) -> dict:
+        """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for record in self.records[since:]:
+                    if _matches(record, msg, attrs):
+                        return record
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.1))
+        raise AssertionError(
+            f"no log {msg!r} {attrs or ''} within {timeout}s; last lines:\n"
+            + "\n".join(self.lines[-15:])
+        )
+
+    def describe(self) -> str:
+        with self._cond:
+            return (
+                "--- stdout (tail) ---\n"
+                + "\n".join(self.lines[-25:])
+                + "\n--- stderr (tail) ---\n"
+                + "\n".join(self.stderr_lines[-40:])
+            )
+
+    # -- CLI --------------------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> CliResult:
+        """Run ``kamal-proxy ARGS`` against this server; ``(code, stdout, stderr)``."""
+        return run_cli(*args, env={**self.env, **(env or {})}, timeout=timeout, cwd=self.root)
+
+    def cli_ok(self, *args: str, timeout: float = 60.0) -> str:
+        result = self.cli(*args, timeout=timeout)
+        if result.code != 0:
+            raise AssertionError(
+                f"kamal-proxy {' '.join(args)} exited {result.code}\n"
+                f"stdout: {result.out!r}\nstderr: {result.err!r}\n" + self.describe()
+            )
+        return result.out
+
+    def list_rows(self) -> list[list[str]]:
+        """``list`` output without ANSI styling: one list of cells per row (header first)."""
+        return parse_list_output(self.cli_ok("list"))
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def request(self, method: str = "GET", path: str = "/", **kwargs: Any) -> Response:
+        return http_request(self.http_port, method, path, **kwargs)
+
+    def client(self, **kwargs: Any) -> HttpClient:
+        return HttpClient(self.http_port, **kwargs)
+
+
+def _matches(record: dict, msg: str | None, attrs: dict[str, Any]) -> bool:
+    if msg is not None and record.get("msg") != msg:
+        return False
+    return all(record.get(k) == v for k, v in attrs.items())
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60.0, cwd: str | None = None
+) -> CliResult:
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        proxy_command() + list(args),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_pid(proc, signal.SIGKILL, 5)
+        proc.communicate()
+        raise AssertionError(f"kamal-proxy {' '.join(args)} did not finish within {timeout}s")
+    return CliResult(
+        proc.returncode,
+        out.decode("utf-8", "replace"),
+        err.decode("utf-8", "replace"),
+        time.monotonic() - started,
+    )
+
+
+def strip_ansi(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\x1b" and i + 1 < len(text) and text[i + 1] == "[":
+            j = text.find("m", i)
+            i = j + 1 if j >= 0 else len(text)
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def parse_list_output(out: str) -> list[list[str]]:
+    """Cells of the ``list`` table.  Cells are delimited by the ANSI reset codes, so a cell
+    that itself holds spaces survives."""
+    rows = []
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("\x1b[0m")
+        cells = [strip_ansi(p).strip() for p in parts[:-1]]
+        rows.append(cells if cells else strip_ansi(line).split())
+    return rows
+
+
+class UpstreamProcess:
+    """``upstream_app.py NAME`` in its own process on 127.0.0.1:<ephemeral>."""
+
+    def __init__(self, name: str, *args: str, port: int = 0):
+        self.name = name
+        self.args = list(args)
+        if port:
+            self.args += ["--port", str(port)]
+        self.proc = subprocess.Popen(
+            [sys.executable, UPSTREAM_APP, name, *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        line = _readline_with_timeout(self.proc, 10.0)
+        if not line.startswith("PORT "):
+            _stop_pid(self.proc, signal.SIGKILL, 5)
+            raise AssertionError(f"upstream {name} failed to start: {line!r}")
+        self.port = int(line.split()[1])
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        code = _stop_pid(self.proc, signal.SIGTERM, 5)
+        try:
+            self.proc.stdout.close()
+        except OSError:
+            pass
+        return code
+
+    def get(self, path: str, timeout: float = 5.0) -> Response:
+        return http_request(self.port, "GET", path, timeout=timeout)
+
+    def stats(self) -> dict:
+        return self.get("/control/stats").json()
+
+    def reset(self) -> None:
+        self.get("/control/reset")
+
+    def set_health(self, status: int | None = None, delay_ms: int | None = None) -> None:
+        query = []
+        if status is not None:
+            query.append(f"status={status}")
+        if delay_ms is not None:
+            query.append(f"delay_ms={delay_ms}")
+        self.get("/control/health?" + "&".join(query))
+
+    def request_count(self) -> int:
+        """Requests other than health checks and control calls."""
+        return self.stats()["request_count"]
+
+    def health_checks(self) -> int:
+        return self.stats()["health_checks"]
+
+
+def _readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0].decode().strip() if result else ""
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    version: int = 11
+    elapsed: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for k, v in self.headers:
+            if k.lower() == lname:
+                return v
+        return default
+
+    def header_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+    def has_header(self, name: str) -> bool:
+        return self.header(name) is not None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def echo_header(self, name: str) -> str | None:
+        """For ``/echo`` responses: a request header as the upstream saw it."""
+        values = self.echo_header_all(name)
+        return values[0] if values else None
+
+    def echo_header_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.json()["headers"] if k.lower() == lname]
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers!r} {self.body[:200]!r}>"
+
+
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1:port, reopened only when asked to."""
+
+    def __init__(self, port: int, host: str | None = None, timeout: float = 10.0):
+        self.port = port
+        self.host = host
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        elif self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
+        else:
+            self.conn.timeout = timeout
+        return self.conn
+
+    def send(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        host: str | None = None,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: bytes | Iterable[bytes] | None = None,
+        timeout: float | None = None,
+    ) -> http.client.HTTPResponse:
+        """Send a request and return the unread ``HTTPResponse`` (for streaming reads)."""
+        conn = self._connection(timeout or self.timeout)
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        host = host if host is not None else (self.host or f"127.0.0.1:{self.port}")
+        pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        names = {k.lower() for k, _ in pairs}
+        if host is not None and "host" not in names:
+            conn.putheader("Host", host)
+        chunked = False
+        if body is not None and not isinstance(body, (bytes, bytearray)):
+            chunked = True
+            if "transfer-encoding" not in names:
+                conn.putheader("Transfer-Encoding", "chunked")
+        elif body is not None and "content-length" not in names:
+            conn.putheader("Content-Length", str(len(body)))
+        for k, v in pairs:
+            conn.putheader(k, v)
+        conn.endheaders(body, encode_chunked=chunked)
+        return conn.getresponse()
+
+    def request(self, method: str = "GET", path: str = "/", **kwargs: Any) -> Response:
+        started = time.monotonic()
+        resp = self.send(method, path, **kwargs)
+        body = resp.read()
+        result = Response(
+            resp.status,
+            resp.reason,
+            list(resp.getheaders()),
+            body,
+            resp.version,
+            time.monotonic() - started,
+        )
+        if resp.will_close:
+            self.close()
+        return result
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def http_request(port: int, method: str = "GET", path: str = "/", **kwargs: Any) -> Response:
+    """One request on a fresh connection, closed afterwards."""
+    client = HttpClient(port)
+    try:
+        return client.request(method, path, **kwargs)
+    finally:
+        client.close()
+
+
+# -- raw sockets ----------------------------------------------------------------------------
+
+
+def raw_exchange(
+    port: int,
+    data: bytes | Iterable[bytes],
+    timeout: float = 5.0,
+    half_close: bool = False,
+    pause: float = 0.0,
+) -> bytes:
+    """Send raw bytes, read until the server closes (or ``timeout`` passes); the bytes read.
+
+    ``data`` may be a list of pieces sent with ``pause`` seconds between them.
+    """
+    pieces = [data] if isinstance(data, (bytes, bytearray)) else list(data)
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            for i, piece in enumerate(pieces):
+                if i and pause:
+                    time.sleep(pause)
+                s.sendall(piece)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return bytes(received)
+
+
+def raw_status(response: bytes) -> int | None:
+    """The status code of the first response in raw bytes, or None if there is none."""
+    line = response.split(b"\r\n", 1)[0]
+    parts = line.split(b" ", 2)
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+# -- WebSocket ------------------------------------------------------------------------------
+
+
+class WebSocketClient:
+    """A minimal RFC 6455 client over a raw socket (masked frames, no extensions)."""
+
+    def __init__(self, sock: socket.socket, response_head: bytes, leftover: bytes):
+        self.sock = sock
+        self.response_head = response_head
+        self._buffer = leftover
+        self.status = raw_status(response_head)
+        self.headers: list[tuple[str, str]] = []
+        for line in response_head.split(b"\r\n")[1:]:
+            if b":" in line:
+                k, v = line.split(b":", 1)
+                self.headers.append((k.decode("latin-1").strip(), v.decode("latin-1").strip()))
+
+    @classmethod
+    def connect(
+        cls,
+        port: int,
+        path: str = "/ws",
+        host: str = "localhost",
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> WebSocketClient:
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        client = cls(sock, head, rest)
+        if client.status == 101:
+            expected = base64.b64encode(
+                hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+            ).decode()
+            accept = client.header("Sec-WebSocket-Accept")
+            if accept != expected:
+                sock.close()
+                raise AssertionError(f"bad Sec-WebSocket-Accept {accept!r}")
+        return client
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def send(self, payload: bytes | str, opcode: int | None = None) -> None:
+        if isinstance(payload, str):
+            payload, default = payload.encode(), 0x1
+        else:
+            default = 0x2
+        self.sock.sendall(ws_frame(opcode or default, payload, mask=os.urandom(4)))
+
+    def recv(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
+        """The next data frame as ``(opcode, payload)``; None when the connection closed."""
+        self.sock.settimeout(timeout)
+        reader = _SocketReader(self.sock, self._buffer)
+        try:
+            frame = read_ws_frame(reader)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        self._buffer = reader.buffer
+        if frame is None:
+            return None
+        _fin, opcode, payload = frame
+        if opcode == 0x8:
+            return None
+        return opcode, payload
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True when the peer closes the connection (EOF, reset or close frame) within timeout."""
+        try:
+            return self.recv(timeout) is None
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(ws_frame(0x8, b"\x03\xe8", mask=os.urandom(4)))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _SocketReader:
+    """File-like ``read(n)`` over a socket with a carry-over buffer."""
+
+    def __init__(self, sock: socket.socket, buffer: bytes):
+        self.sock = sock
+        self.buffer = buffer
+
+    def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+
+# -- test case base -------------------------------------------------------------------------
+
+_SHARED: dict[str, ProxyProcess] = {}
+
+
+def shared_proxy(key: str, **kwargs: Any) -> ProxyProcess:
+    """A proxy shared by the tests of one class (started on first use, stopped at exit).
+
+    Trial has no class-level fixtures; start-up costs about a second, so classes whose tests
+    do not interfere (distinct services and hosts) share one process.  A dead one is replaced.
+    """
+    proxy = _SHARED.get(key)
+    if proxy is None or not proxy.alive():
+        if proxy is not None:
+            proxy.cleanup()
+        proxy = ProxyProcess(**kwargs)
+        proxy.start()
+        _SHARED[key] = proxy
+    return proxy
+
+
+_SHARED_UPSTREAMS: dict[str, UpstreamProcess] = {}
+
+
+def shared_upstream(name: str) -> UpstreamProcess:
+    """A plain upstream answering ``name``, shared by every test that only reads from it."""
+    up = _SHARED_UPSTREAMS.get(name)
+    if up is None or not up.alive():
+        up = UpstreamProcess(name)
+        _SHARED_UPSTREAMS[name] = up
+    return up
+
+
+@atexit.register
+def _stop_shared() -> None:
+    for proxy in _SHARED.values():
+        proxy.cleanup()
+    _SHARED.clear()
+    for up in _SHARED_UPSTREAMS.values():
+        up.stop()
+    _SHARED_UPSTREAMS.clear()
+
+
+class IntegrationTestCase(unittest.TestCase):
+    """Base class: helpers that start things and register their cleanup."""
+
+    # Subclasses that set this share one proxy process per class.
+    shared: bool = False
+    proxy_args: tuple[str, ...] = ()
+
+    def setUp(self) -> None:
+        if self.shared:
+            self.proxy = shared_proxy(type(self).__qualname__, extra_args=self.proxy_args)
+            self.proxy.log_mark()
+
+    def start_proxy(self, *extra_args: str, **kwargs: Any) -> ProxyProcess:
+        proxy = ProxyProcess(extra_args, **kwargs)
+        self.addCleanup(proxy.cleanup)
+        proxy.start()
+        return proxy
+
+    def upstream(self, name: str, *args: str, port: int = 0) -> UpstreamProcess:
+        up = UpstreamProcess(name, *args, port=port)
+        self.addCleanup(up.stop)
+        return up
+
+    def deploy(self, service: str, *targets_and_args: str, proxy: ProxyProcess | None = None):
+        """``deploy SERVICE --target T1 --target T2 ARGS...``: the leading arguments up to the
+        first flag are targets.  The service is removed again at cleanup."""
+        proxy = proxy or self.proxy
+        args = ["deploy", service]
+        items = list(targets_and_args)
+        while items and not items[0].startswith("-"):
+            args += ["--target", items.pop(0)]
+        proxy.cli_ok(*args, *items)
+        self.addCleanup(self._quiet_remove, proxy, service)
+
+    @staticmethod
+    def _quiet_remove(proxy: ProxyProcess, service: str) -> None:
+        if proxy.alive():
+            proxy.cli("remove", service, timeout=30)
+
+    def get(self, host: str, path: str = "/", proxy: ProxyProcess | None = None, **kw) -> Response:
+        return (proxy or self.proxy).request("GET", path, host=host, **kw)
+
+    def assertServes(self, host: str, body: str, path: str = "/", proxy=None) -> Response:
+        resp = self.get(host, path, proxy=proxy)
+        self.assertEqual((resp.status, resp.text), (200, body), f"{host}{path}: {resp!r}")
+        return resp
+
+    def assertNotFound(self, host: str, path: str = "/", proxy=None) -> Response:
+        resp = self.get(host, path, proxy=proxy)
+        self.assertEqual(resp.status, 404, f"{host}{path}: {resp!r}")
+        return resp
+
+    def assertTakes(self, low: float, high: float, elapsed: float, what: str = "") -> None:
+        self.assertTrue(low <= elapsed <= high, f"{what} took {elapsed:.2f}s, not in [{low}, {high}]")
