@@ -22,7 +22,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check kamal_proxy tests twisted bench
-	$(BIN)/trial -j 4 tests
+	$(BIN)/python -m twisted.trial -j 4 tests
 
 lint: install
 	$(BIN)/ruff check kamal_proxy tests twisted bench

@@ -12,7 +12,6 @@ import socket
 import sys
 
 from twisted.application import service as appservice
-from twisted.application.internet import TCPServer, UNIXServer
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
 
@@ -159,8 +158,8 @@ class Announce(appservice.Service):
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    from kamal_proxy.proxy.resource import RoutingResource
     from kamal_proxy.proxy.channel import make_site
+    from kamal_proxy.proxy.resource import RoutingResource
     from kamal_proxy.tls.listener import https_context
 
     state_path = options.state_path or paths.state_path()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 ENV_PREFIX = "KAMAL_PROXY_"
 SOCKET_NAME = "kamal-proxy.sock"

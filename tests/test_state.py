@@ -290,11 +290,14 @@ class FormatTests(unittest.TestCase):
 
     def test_missing_keys_take_zero_values(self) -> None:
         [state] = decode(b'[{"name": "bare"}]')
-        self.assertEqual(state, ServiceState(
-            name="bare",
-            options=ServiceOptions.from_json({}).normalized(),
-            target_options=TargetOptions.from_json({}),
-        ))
+        self.assertEqual(
+            state,
+            ServiceState(
+                name="bare",
+                options=ServiceOptions.from_json({}).normalized(),
+                target_options=TargetOptions.from_json({}),
+            ),
+        )
         self.assertEqual(state.options.hosts, [""])
         self.assertFalse(state.options.tls_redirect)
         self.assertFalse(state.options.strip_prefix)
@@ -363,7 +366,9 @@ class WrongShapeTests(unittest.TestCase):
 
     def test_non_standard_literals(self) -> None:
         self.assertBad('[{"name": "a", "pause_controller": {"fail_after": NaN}}]')
-        self.assertBad('[{"name": "a", "rollout_controller": {"percentage_split_point": Infinity}}]')
+        self.assertBad(
+            '[{"name": "a", "rollout_controller": {"percentage_split_point": Infinity}}]'
+        )
 
     def test_wrong_shapes(self) -> None:
         bad = [
@@ -413,7 +418,9 @@ class WrongShapeTests(unittest.TestCase):
 
     def test_resource_exhaustion_inputs(self) -> None:
         self.assertBad(b"[" * 100_000)
-        self.assertBad(b'[{"name": "a", "target_options": {"response_timeout": 1' + b"0" * 5000 + b"}}]")
+        self.assertBad(
+            b'[{"name": "a", "target_options": {"response_timeout": 1' + b"0" * 5000 + b"}}]"
+        )
 
     def test_non_bytes_input(self) -> None:
         with self.assertRaises(StateError):
@@ -505,17 +512,19 @@ _JSON = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(
-            TOP_KEYS
-            + OPTION_KEYS
-            + TARGET_OPTION_KEYS
-            + ["state", "stop_message", "fail_after", "percentage", "percentage_split_point"]
-            + ["allowlist", "active_target", "rollout_target", "path", "port", "x"]
-        ),
-        children,
-        max_size=6,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                TOP_KEYS
+                + OPTION_KEYS
+                + TARGET_OPTION_KEYS
+                + ["state", "stop_message", "fail_after", "percentage", "percentage_split_point"]
+                + ["allowlist", "active_target", "rollout_target", "path", "port", "x"]
+            ),
+            children,
+            max_size=6,
+        )
     ),
     max_leaves=30,
 )
@@ -590,10 +599,15 @@ class FileTests(unittest.TestCase):
         save(self.path, states)
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), encode(states))
-        self.assertEqual(load(self.path), [
-            ServiceState(name="a", options=ServiceOptions().normalized(), active_targets=["a:1"]),
-            ServiceState(name="b", options=ServiceOptions().normalized()),
-        ])
+        self.assertEqual(
+            load(self.path),
+            [
+                ServiceState(
+                    name="a", options=ServiceOptions().normalized(), active_targets=["a:1"]
+                ),
+                ServiceState(name="b", options=ServiceOptions().normalized()),
+            ],
+        )
         self.assertEqual(os.listdir(self.dir), ["kamal-proxy.state"])
 
     def test_mode_0600_whatever_the_umask(self) -> None:
@@ -646,7 +660,7 @@ class FileTests(unittest.TestCase):
             self.assertEqual(f.read(), b"{ this is not json")
 
     def test_second_corrupt_file_in_the_same_second(self) -> None:
-        for content in (b"first", b"[{\"name\": 1}]"):
+        for content in (b"first", b'[{"name": 1}]'):
             with open(self.path, "wb") as f:
                 f.write(content)
             with self.assertRaises(StateError):
@@ -655,7 +669,7 @@ class FileTests(unittest.TestCase):
         with open(base, "rb") as f:
             self.assertEqual(f.read(), b"first")
         with open(base + ".1", "rb") as f:
-            self.assertEqual(f.read(), b"[{\"name\": 1}]")
+            self.assertEqual(f.read(), b'[{"name": 1}]')
 
     def test_unreadable_path(self) -> None:
         os.makedirs(self.path)  # reading a directory fails

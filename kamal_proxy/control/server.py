@@ -6,6 +6,7 @@ than the server's own (or root) are refused by their peer credentials.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -34,13 +35,19 @@ class ControlProtocol(amp.AMP):
             warn("Refused control connection from another user", uid=uid)
             self.transport.abortConnection()
 
-    async def _run(self, coro_or_value):
-        try:
-            if hasattr(coro_or_value, "__await__"):
-                await coro_or_value
-        except RouterError as e:
-            raise commands.CommandFailed(str(e)) from None
-        return {}
+    def _call(self, fn, *args):
+        """Run a Router call; its RouterError becomes the CommandFailed the CLI prints."""
+
+        async def call():
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except RouterError as e:
+                raise commands.CommandFailed(str(e)) from None
+            return {}
+
+        return defer.ensureDeferred(call())
 
     @commands.Deploy.responder
     def deploy(
@@ -59,37 +66,31 @@ class ControlProtocol(amp.AMP):
             topts = TargetOptions.from_json(json.loads(target_options))
         except (ValueError, TypeError, AttributeError) as e:
             raise commands.CommandFailed(f"invalid options: {e}") from None
-        return defer.ensureDeferred(
-            self._run(
-                self.router.deploy(
-                    service,
-                    list(targets),
-                    list(readers),
-                    deploy_timeout,
-                    drain_timeout,
-                    force,
-                    options,
-                    topts,
-                )
-            )
+        return self._call(
+            self.router.deploy,
+            service,
+            list(targets),
+            list(readers),
+            deploy_timeout,
+            drain_timeout,
+            force,
+            options,
+            topts,
         )
 
     @commands.Remove.responder
     def remove(self, service):
-        try:
-            self.router.remove(service)
-        except RouterError as e:
-            raise commands.CommandFailed(str(e)) from None
-        return {}
+        return self._call(self.router.remove, service)
 
     @commands.List.responder
     def list_services(self):
         return {"services": json.dumps(self.router.list_services())}
 
     def _controller_call(self, name: str, *args):
-        if self.controller is None:
+        method = getattr(self.controller, name, None)
+        if method is None:
             raise commands.CommandFailed(f"{name} is not supported yet")
-        return defer.ensureDeferred(self._run(getattr(self.controller, name)(*args)))
+        return self._call(method, *args)
 
     @commands.Pause.responder
     def pause(self, service, drain_timeout, pause_timeout):

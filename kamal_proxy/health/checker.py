@@ -7,7 +7,7 @@ which is what a fixed-rate Go ticker with a blocking receiver does.
 from __future__ import annotations
 
 import posixpath
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import quote, urljoin
 
 from twisted.internet import defer, error

@@ -20,11 +20,12 @@ from twisted.web import resource, server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from kamal_proxy.observe.events import error as log_error
-from kamal_proxy.observe.events import info
+from kamal_proxy.observe.events import info, warn
 from kamal_proxy.observe.log import log_request
 from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
 from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
+from kamal_proxy.routing.pause import PauseState, Released
 from kamal_proxy.routing.table import host_without_port
 
 HOP_BY_HOP = frozenset(
@@ -193,8 +194,44 @@ class ProxyExchange:
             return
         if self._redirect(options):
             return
+        prefix = match.prefix if options.strip_prefix and match.prefix != "/" else None
 
+        # P14 pause/stop
+        pause = service.pause
+        if pause.state:
+            routed = self.path[len(prefix) :] or "/" if prefix else self.path
+            if request.method in READ_METHODS and routed == service.health_check_path:
+                self._empty(200)
+            elif pause.state == PauseState.STOPPED:
+                self.fail(503, pause.stop_message)
+            else:
+                pause.wait(res.reactor).addCallback(self._released, prefix)
+            return
+        self._select_target(prefix)
+
+    def _released(self, how: Released, prefix: str | None) -> None:
+        if self.finished:
+            return
+        if how is Released.RUNNING:
+            self._select_target(prefix)
+        elif how is Released.STOPPED:
+            self.fail(503, self.service.pause.stop_message)
+        else:
+            warn("Rejecting request due to expired pause", service=self.service.name, path=self.path)
+            self.fail(504)
+
+    def _empty(self, status: int) -> None:
+        request = self.request
+        request.setResponseCode(status)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+        self.status = status
+        self._finish()
+
+    def _select_target(self, prefix: str | None) -> None:
         # P15/P16 target selection
+        request = self.request
+        headers = request.requestHeaders
+        service = self.service
         lb = service.active
         is_read = request.method in READ_METHODS and (
             lb is None or lb.read_targets_accept_websockets or not _is_websocket(headers)
@@ -204,7 +241,7 @@ class ProxyExchange:
             self.fail(503)
             return
         self.target = target
-        self._proxy(match.prefix if options.strip_prefix and match.prefix != "/" else None)
+        self._proxy(prefix)
 
     def _redirect(self, options) -> bool:
         res = self.res

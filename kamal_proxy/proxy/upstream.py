@@ -16,7 +16,8 @@ FIN) never cause a 502 (SPEC §21.3).
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -161,6 +162,7 @@ class _Connection(Protocol):
         self.keepalive = False
         self.no_body = False  # the current request is HEAD
         self.seen = False  # any response byte arrived for the current exchange
+        self.reused = False
         self.lost = False
         self.idle_since = 0.0
         self.tunnel: Tunnel | None = None
@@ -447,7 +449,7 @@ class Exchange:
         sink: ResponseSink,
         timeout: float | None,
     ) -> None:
-        self.done: Deferred[None] = Deferred(self._cancel_deferred)
+        self.done: Deferred[None] = Deferred()
         self.response_started = False
         self._pool = pool
         self._method = method
@@ -498,9 +500,6 @@ class Exchange:
         self._fail(Failure(CancelledError()))
 
     stopProducing = cancel
-
-    def _cancel_deferred(self, d: Deferred[None]) -> None:
-        self.cancel()
 
     # -- IConsumer (request body) -----------------------------------------------------
 
@@ -557,9 +556,7 @@ class Exchange:
         if pending:
             self._body_written = True
             if self._chunked:
-                t.writeSequence(
-                    [self._head] + [b"%x\r\n%s\r\n" % (len(p), p) for p in pending]
-                )
+                t.writeSequence([self._head] + [b"%x\r\n%s\r\n" % (len(p), p) for p in pending])
             else:
                 t.writeSequence([self._head] + pending)
         else:
@@ -800,6 +797,7 @@ class Tunnel:
         self._buffered = len(initial)
         self._upstream_closed = False
         self._closed = False
+        self._aborted = False
 
     def attach(self, client_transport: Any) -> Protocol:
         """Start relaying to ``client_transport``; wire the returned protocol to its events.
@@ -809,7 +807,7 @@ class Tunnel:
         self._client = client_transport
         proto = _TunnelClient(self)
         proto.transport = client_transport
-        if self._closed and not self._upstream_closed:
+        if self._aborted:
             client_transport.abortConnection()
             return proto
         try:
@@ -831,8 +829,7 @@ class Tunnel:
 
     def close(self) -> None:
         """Close both sides at once (the target is draining)."""
-        if self._closed and self._client is None:
-            return
+        self._aborted = True
         self._finish()
         self._upstream.abortConnection()
         if self._client is not None:

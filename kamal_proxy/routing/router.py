@@ -7,7 +7,8 @@ synchronous step, so a request sees either the old configuration or the new one.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -208,6 +209,36 @@ class Router:
         for lb in service.balancers():
             self.reactor.callLater(0, _retire_when_idle, self.reactor, lb)
 
+    async def pause(self, name: str, drain_timeout: int, pause_timeout: int) -> None:
+        try:
+            service = self.get(name)
+            service.pause.pause(pause_timeout)
+            info("Service paused", service=name)
+            await self._drain_service(service, drain_timeout)
+        finally:
+            self.save()
+
+    async def stop(self, name: str, drain_timeout: int, message: str) -> None:
+        try:
+            service = self.get(name)
+            service.pause.stop(message)
+            info("Service stopped", service=name)
+            await self._drain_service(service, drain_timeout)
+        finally:
+            self.save()
+
+    def resume(self, name: str) -> None:
+        try:
+            service = self.get(name)
+            service.pause.resume()
+            info("Service resumed", service=name)
+        finally:
+            self.save()
+
+    async def _drain_service(self, service: Service, drain_timeout: int) -> None:
+        await defer.gatherResults([lb.drain(drain_timeout / 1e9) for lb in service.balancers()])
+        info("Service drained", service=service.name)
+
     def get(self, name: str) -> Service:
         service = self.services.get(name)
         if service is None:
@@ -229,9 +260,9 @@ class Router:
                     active_readers=active.reader_addresses if active else [],
                     rollout_targets=rollout.writer_addresses if rollout else None,
                     rollout_readers=rollout.reader_addresses if rollout else None,
-                    pause_state=int(service.pause_state),
-                    stop_message=service.stop_message,
-                    fail_after=service.fail_after,
+                    pause_state=int(service.pause.state),
+                    stop_message=service.pause.stop_message,
+                    fail_after=service.pause.fail_after,
                     rollout=service.rollout_split,
                 )
             )
@@ -254,11 +285,11 @@ class Router:
             return
         try:
             states = statefile.load(path)
+        except statefile.StateReadError as e:
+            error("Failed to restore saved state", path=path, error=str(e))
+            return
         except statefile.StateError as e:
             error("Failed to decode saved state", path=path, error=str(e))
-            return
-        except OSError as e:
-            error("Failed to restore saved state", path=path, error=str(e))
             return
         if states is None:
             info("No previous state to restore", path=path)
@@ -284,16 +315,17 @@ class Router:
         service.active = self._balancer(
             saved.active_targets, saved.active_readers, options, saved.target_options
         )
-        if saved.rollout_targets:
+        if saved.rollout_targets or saved.rollout_readers:
             service.rollout = self._balancer(
-                saved.rollout_targets,
+                saved.rollout_targets or [],
                 saved.rollout_readers or [],
                 options,
                 saved.target_options,
             )
-        service.pause_state = PauseState(saved.pause_state or 0)
-        service.stop_message = saved.stop_message
-        service.fail_after = saved.fail_after
+        # A service saved paused is restored exactly as if paused now (never the Go crash).
+        service.pause.state = PauseState(saved.pause_state or 0)
+        service.pause.stop_message = saved.stop_message
+        service.pause.fail_after = saved.fail_after
         service.rollout_split = saved.rollout
         return service
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from kamal_proxy.routing.balancer import LoadBalancer
 from kamal_proxy.routing.options import ServiceOptions, TargetOptions
+from kamal_proxy.routing.pause import PauseController, PauseState
 
-
-class PauseState(enum.IntEnum):
-    RUNNING = 0
-    PAUSED = 1
-    STOPPED = 2
+__all__ = ["PauseState", "Service"]
 
 
 class Service:
@@ -23,9 +19,7 @@ class Service:
         self.active: LoadBalancer | None = None
         self.rollout: LoadBalancer | None = None
         self.rollout_split: dict[str, Any] | None = None
-        self.pause_state = PauseState.RUNNING
-        self.stop_message = ""
-        self.fail_after = 0
+        self.pause = PauseController()
         self.error_pages: Any = None
         self.certificates: Any = None
         self.set_options(options, target_options)
@@ -42,11 +36,7 @@ class Service:
 
     @property
     def state_name(self) -> str:
-        return {
-            PauseState.RUNNING: "running",
-            PauseState.PAUSED: "paused",
-            PauseState.STOPPED: "stopped",
-        }[self.pause_state]
+        return self.pause.name
 
     def balancers(self) -> list[LoadBalancer]:
         return [lb for lb in (self.active, self.rollout) if lb is not None]

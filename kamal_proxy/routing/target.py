@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTCP, IReactorTime

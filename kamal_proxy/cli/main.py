@@ -1,0 +1,51 @@
+"""The ``kamal-proxy`` program: builds the command tree and runs it (SPEC §3).
+
+The tree is rebuilt for each run from the environment, because flag defaults depend on it
+(``run``'s ports, ``deploy --tls-acme-cache-path``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from kamal_proxy.cli.command import ROOT_NAME, CobraCommand, Runtime, Spec, Transport, help_command
+from kamal_proxy.cli.completion import completion_command
+from kamal_proxy.cli.deploy import deploy_command
+from kamal_proxy.cli.rollout import rollout_command
+from kamal_proxy.cli.run import run_command
+from kamal_proxy.cli.service import service_commands
+
+
+def build_root(
+    environ: Mapping[str, str] | None = None, transport: Transport | None = None
+) -> CobraCommand:
+    """The root command; ``transport`` replaces the control-socket call (tests)."""
+    env = dict(os.environ) if environ is None else environ
+    if transport is None:
+        from kamal_proxy.control.client import call_blocking
+
+        transport = call_blocking
+    root = CobraCommand(
+        ROOT_NAME,
+        Spec(use=ROOT_NAME, short="HTTP proxy for zero downtime deployments"),
+        children=[
+            run_command(env),
+            deploy_command(env),
+            *service_commands(),
+            rollout_command(),
+            help_command(),
+            completion_command(),
+        ],
+    )
+    root.runtime = Runtime(environ=env, transport=transport)
+    return root
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
+    """Console-script entry point; exits the process with Cobra's exit codes (0 or 1)."""
+    build_root(environ).main(args=argv, prog_name=ROOT_NAME, standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()

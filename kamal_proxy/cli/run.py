@@ -1,0 +1,97 @@
+"""``kamal-proxy run``: start the server in this process (SPEC §3.4).
+
+The environment only changes flag *defaults* (``KAMAL_PROXY_<K>`` beats ``<K>``), so an explicit
+flag always wins.  The server modules are imported only when ``run`` actually runs, keeping the
+client commands light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kamal_proxy.cli.command import CLIError, CobraCommand, Invocation, Spec
+from kamal_proxy.cli.flags import BOOL, INT, STRING, Flag
+from kamal_proxy.options import RunOptions, env_bool, env_int, env_lookup
+
+
+@dataclass(frozen=True, slots=True)
+class RunFlag:
+    """One ``run`` flag: the CLI flag, its env key (if any) and the RunOptions field it sets."""
+
+    name: str
+    kind: str
+    field: str
+    env: str | None
+    usage: str
+
+
+RUN_FLAGS = (
+    RunFlag("debug", BOOL, "debug", "DEBUG", "Include debugging logs"),
+    RunFlag("http-port", INT, "http_port", "HTTP_PORT", "Port to serve HTTP traffic on"),
+    RunFlag("https-port", INT, "https_port", "HTTPS_PORT", "Port to serve HTTPS traffic on"),
+    RunFlag(
+        "metrics-port",
+        INT,
+        "metrics_port",
+        "METRICS_PORT",
+        "Publish metrics on the specified port (0 = disabled)",
+    ),
+    RunFlag("http3", BOOL, "http3", None, "Enable HTTP/3"),
+    RunFlag(
+        "acme-directory",
+        STRING,
+        "acme_directory",
+        "ACME_DIRECTORY",
+        "ACME directory URL to use instead of Let's Encrypt",
+    ),
+    RunFlag(
+        "acme-ca-bundle",
+        STRING,
+        "acme_ca_bundle",
+        "ACME_CA_BUNDLE",
+        "CA bundle (PEM) to trust for the ACME directory",
+    ),
+)
+
+
+def run_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Flag name -> default after applying the environment (bad env values are ignored)."""
+    builtin = RunOptions()
+    defaults: dict[str, Any] = {}
+    for flag in RUN_FLAGS:
+        value = getattr(builtin, flag.field)
+        if flag.env is not None:
+            if flag.kind == BOOL:
+                value = env_bool(flag.env, value, environ)
+            elif flag.kind == INT:
+                value = env_int(flag.env, value, environ)
+            else:
+                found = env_lookup(flag.env, environ)
+                value = value if found is None else found
+        defaults[flag.name] = value
+    return defaults
+
+
+def run_options(values: Mapping[str, Any]) -> RunOptions:
+    """Flag name -> value mapping to RunOptions."""
+    return RunOptions(**{flag.field: values[flag.name] for flag in RUN_FLAGS})
+
+
+def _run(inv: Invocation) -> int:
+    from kamal_proxy.app import run_server
+
+    options = run_options({flag.name: inv[flag.name] for flag in RUN_FLAGS})
+    try:
+        return int(run_server(options) or 0)
+    except CLIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any start-up failure is reported as Error: ...
+        raise CLIError(str(e)) from None
+
+
+def run_command(environ: Mapping[str, str]) -> CobraCommand:
+    defaults = run_defaults(environ)
+    flags = [Flag(f.name, f.kind, defaults[f.name], f.usage) for f in RUN_FLAGS]
+    return CobraCommand("run", Spec(use="run", short="Run the server", flags=flags, run=_run))
