@@ -37,7 +37,7 @@ class DurationError(ValueError):
 
 def parse_duration(text: str) -> int:
     """Parse a Go duration string into integer nanoseconds."""
-    quoted = '"' + text + '"'
+    quoted = _go_quote(text)
     s = text
     negative = False
     if s and s[0] in "+-":
@@ -61,7 +61,9 @@ def parse_duration(text: str) -> int:
         scale = _UNITS[unit]
         value = int(whole or "0") * scale
         if frac:
-            value += int(frac) * scale // (10 ** len(frac))
+            # Go's float arithmetic, not exact: "0.3333333333333333h" is 20m0s there.
+            f, digits = _leading_fraction(frac)
+            value += int(f * (scale / 10**digits))
         total += value
         if total > _MAX + (1 if negative else 0):
             raise DurationError(f"time: invalid duration {quoted}")
@@ -69,8 +71,25 @@ def parse_duration(text: str) -> int:
     return -total if negative else total
 
 
+def _leading_fraction(digits: str) -> tuple[int, int]:
+    """Go keeps fraction digits only while they fit in 63 bits; the rest are ignored."""
+    f = n = 0
+    for c in digits:
+        if f > _MAX // 10 or f * 10 + int(c) > _MAX + 1:
+            break
+        f, n = f * 10 + int(c), n + 1
+    return f, n
+
+
 def _go_quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """The time package's own quoting: non-ASCII and control bytes become ``\\xNN``."""
+    out = []
+    for c in s:
+        if c < " " or ord(c) >= 0x80:
+            out.extend(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+        else:
+            out.append("\\" + c if c in '"\\' else c)
+    return '"' + "".join(out) + '"'
 
 
 def format_duration(ns: int) -> str:

@@ -73,13 +73,16 @@ class Invocation:
 
     def send(self, command: type, **arguments: Any) -> dict[str, Any]:
         """One control-plane call; a failure becomes ``Error: <message>``."""
-        from kamal_proxy.control.client import ControlError
         from kamal_proxy.options import socket_path
 
         try:
             return self.runtime.transport(command, socket_path(self.environ), **arguments)
-        except ControlError as e:
-            raise CLIError(str(e)) from None
+        except Exception as e:
+            from kamal_proxy.control.client import ControlError
+
+            if isinstance(e, ControlError):
+                raise CLIError(str(e)) from None
+            raise
 
 
 RunFunction = Callable[[Invocation], "int | None"]
@@ -245,7 +248,9 @@ def exact_args(n: int) -> ArgsValidator:
 
 def no_args(command: CobraCommand, args: list[str]) -> None:
     if args:
-        raise CLIError(f"unknown command {go_quote(args[0])} for {go_quote(command.command_path())}")
+        raise CLIError(
+            f"unknown command {go_quote(args[0])} for {go_quote(command.command_path())}"
+        )
 
 
 def arbitrary_args(command: CobraCommand, args: list[str]) -> None:
@@ -327,13 +332,13 @@ def find(root: CobraCommand, args: list[str]) -> tuple[CobraCommand, list[str]]:
 
 def _suggestions(command: CobraCommand, typed: str) -> str:
     found = []
-    for child in command.children:
+    # Cobra walks its unsorted command slice here, i.e. the order commands were added.
+    for child in command.commands.values():
+        assert isinstance(child, CobraCommand)
         if not child.available:
             continue
         name = child.name or ""
-        if _levenshtein(typed.lower(), name.lower()) <= 2 or name.lower().startswith(
-            typed.lower()
-        ):
+        if _levenshtein(typed.lower(), name.lower()) <= 2 or name.lower().startswith(typed.lower()):
             found.append(name)
     if not found:
         return ""

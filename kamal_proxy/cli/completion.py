@@ -35,7 +35,7 @@ def _script(shell: str, root: CobraCommand) -> str:
             f"# bash completion for {ROOT_NAME}\n"
             "_kamal_proxy() {\n"
             '    local cur="${COMP_WORDS[COMP_CWORD]}" words\n'
-            "    if [ \"$COMP_CWORD\" -eq 1 ]; then\n"
+            '    if [ "$COMP_CWORD" -eq 1 ]; then\n'
             f'        words="{" ".join(names)}"\n'
             "    else\n"
             '        case "${COMP_WORDS[1]}" in\n'
@@ -55,7 +55,9 @@ def _script(shell: str, root: CobraCommand) -> str:
             f"    compadd {' '.join(names)}\n"
             "  else\n"
             "    case $words[2] in\n"
-            + "".join(f"      {name}) compadd -- {' '.join(opts)} ;;\n" for name, opts in flags.items())
+            + "".join(
+                f"      {name}) compadd -- {' '.join(opts)} ;;\n" for name, opts in flags.items()
+            )
             + "    esac\n"
             "  fi\n"
             "}\n"
@@ -78,7 +80,7 @@ def _script(shell: str, root: CobraCommand) -> str:
         f"# powershell completion for {ROOT_NAME}\n"
         f"Register-ArgumentCompleter -Native -CommandName '{ROOT_NAME}' -ScriptBlock {{\n"
         "    param($wordToComplete, $commandAst, $cursorPosition)\n"
-        f"    @({quoted}) | Where-Object {{ $_ -like \"$wordToComplete*\" }}\n"
+        f'    @({quoted}) | Where-Object {{ $_ -like "$wordToComplete*" }}\n'
         "}\n"
     )
 

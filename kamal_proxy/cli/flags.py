@@ -31,7 +31,7 @@ class FlagError(Exception):
     """Command-line parsing failed; ``str()`` is the pflag message (without ``Error: ``)."""
 
 
-class ValueError_(ValueError):
+class InvalidValue(ValueError):
     """A flag value failed to parse; ``str()`` is the Go parser's message."""
 
 
@@ -72,7 +72,15 @@ def go_quote_char(ch: str) -> str:
     return "'" + inner + "'"
 
 
-_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+}
 
 
 def _is_print(ch: str) -> bool:
@@ -92,7 +100,7 @@ def parse_bool(text: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError_(f"strconv.ParseBool: parsing {go_quote(text)}: invalid syntax")
+    raise InvalidValue(f"strconv.ParseBool: parsing {go_quote(text)}: invalid syntax")
 
 
 def parse_int(text: str, bits: int = 64) -> int:
@@ -109,19 +117,19 @@ def parse_int(text: str, bits: int = 64) -> int:
     unsigned, out_of_range = _parse_uint(s, text)
     cutoff = 1 << (bits - 1)
     if out_of_range or (not negative and unsigned >= cutoff) or (negative and unsigned > cutoff):
-        raise ValueError_(f"strconv.ParseInt: parsing {go_quote(text)}: value out of range")
+        raise InvalidValue(f"strconv.ParseInt: parsing {go_quote(text)}: value out of range")
     return -unsigned if negative else unsigned
 
 
-def _int_syntax(text: str) -> ValueError_:
-    return ValueError_(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
+def _int_syntax(text: str) -> InvalidValue:
+    return InvalidValue(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
 
 
 def _parse_uint(s: str, original: str) -> tuple[int, bool]:
     """``strconv.ParseUint(s, 0, 64)``; returns (value, out_of_range) or raises syntax errors."""
     if s == "":
         raise _int_syntax(original)
-    digits = s.encode("utf-8", "surrogateescape")
+    digits = _to_bytes(s)
     base = 10
     if digits[:1] == b"0":
         prefix = digits[1:2].lower()
@@ -189,14 +197,14 @@ def parse_go_duration(text: str) -> int:
     try:
         return parse_duration(text)
     except DurationError as e:
-        raise ValueError_(str(e)) from None
+        raise InvalidValue(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # One CSV record, as Go's encoding/csv Reader.Read() returns it (pflag's readAsCSV).
 
 
-class CSVError(ValueError_):
+class CSVError(InvalidValue):
     pass
 
 
@@ -289,7 +297,15 @@ def _nl(line: str) -> int:
 
 
 def _blen(s: str) -> int:
-    return len(s.encode("utf-8", "surrogateescape"))
+    return len(_to_bytes(s))
+
+
+def _to_bytes(s: str) -> bytes:
+    """The bytes Go would see: argv bytes that were not UTF-8 come back as themselves."""
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogatepass")
 
 
 def _csv_error(start: int, line: int, col: int, message: str) -> CSVError:
@@ -458,9 +474,7 @@ class FlagSet:
             elif args:
                 value = args.pop(0)
             else:
-                raise FlagError(
-                    f"flag needs an argument: {go_quote_char(c)} in -{shorthands}"
-                )
+                raise FlagError(f"flag needs an argument: {go_quote_char(c)} in -{shorthands}")
             self.set(flag, value)
             shorthands = rest
         return args
@@ -468,7 +482,7 @@ class FlagSet:
     def set(self, flag: Flag, text: str) -> None:
         try:
             value = flag.parse(text)
-        except ValueError_ as e:
+        except InvalidValue as e:
             raise FlagError(
                 f"invalid argument {go_quote(text)} for {go_quote(flag.display_name)} flag: {e}"
             ) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kamal_proxy.cli.command import ROOT_NAME, CobraCommand, Runtime, Spec, Transport, help_command
 from kamal_proxy.cli.completion import completion_command
@@ -23,9 +24,7 @@ def build_root(
     """The root command; ``transport`` replaces the control-socket call (tests)."""
     env = dict(os.environ) if environ is None else environ
     if transport is None:
-        from kamal_proxy.control.client import call_blocking
-
-        transport = call_blocking
+        transport = _dial
     root = CobraCommand(
         ROOT_NAME,
         Spec(use=ROOT_NAME, short="HTTP proxy for zero downtime deployments"),
@@ -40,6 +39,13 @@ def build_root(
     )
     root.runtime = Runtime(environ=env, transport=transport)
     return root
+
+
+def _dial(command: type, path: str, **arguments: Any) -> dict[str, Any]:
+    """The real transport; Twisted is imported only by commands that talk to the server."""
+    from kamal_proxy.control.client import call_blocking
+
+    return call_blocking(command, path, **arguments)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kamal_proxy.cli.command import CLIError, CobraCommand, Invocation, Spec
+from kamal_proxy.cli.command import CobraCommand, Invocation, Spec
 from kamal_proxy.cli.flags import BOOL, INT, STRING, Flag
 from kamal_proxy.options import RunOptions, env_bool, env_int, env_lookup
 
@@ -82,13 +82,10 @@ def run_options(values: Mapping[str, Any]) -> RunOptions:
 def _run(inv: Invocation) -> int:
     from kamal_proxy.app import run_server
 
+    # run_server reports expected start-up failures itself (``Error: ...``, exit code 1);
+    # anything else is a bug and keeps its traceback.
     options = run_options({flag.name: inv[flag.name] for flag in RUN_FLAGS})
-    try:
-        return int(run_server(options) or 0)
-    except CLIError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any start-up failure is reported as Error: ...
-        raise CLIError(str(e)) from None
+    return int(run_server(options) or 0)
 
 
 def run_command(environ: Mapping[str, str]) -> CobraCommand:

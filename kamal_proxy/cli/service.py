@@ -55,7 +55,7 @@ def format_service_table(services: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _width(text: str) -> int:
-    return len(text.encode("utf-8", "surrogateescape"))
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _run_list(inv: Invocation) -> None:
@@ -113,16 +113,6 @@ def service_commands() -> list[CobraCommand]:
             ),
         ),
         CobraCommand(
-            "list",
-            Spec(
-                use="list",
-                short="List the services currently running",
-                aliases=("ls",),
-                args=no_args,
-                run=_run_list,
-            ),
-        ),
-        CobraCommand(
             "pause",
             Spec(
                 use="pause <service>",
@@ -160,6 +150,16 @@ def service_commands() -> list[CobraCommand]:
                 short="Resume a service",
                 args=exact_args(1),
                 run=_run_resume,
+            ),
+        ),
+        CobraCommand(
+            "list",
+            Spec(
+                use="list",
+                short="List the services currently running",
+                aliases=("ls",),
+                args=no_args,
+                run=_run_list,
             ),
         ),
     ]

@@ -102,7 +102,14 @@ class HealthCheck:
     async def check(self) -> None | str:
         """One check; returns None on success, or the error text (also logged) on failure."""
         d = defer.ensureDeferred(self._check_once())
-        timer = self._reactor.callLater(max(self._timeout, 0), d.cancel)
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
+
+        timer = self._reactor.callLater(max(self._timeout, 0), expire)
         try:
             await d
         except defer.CancelledError:
@@ -112,6 +119,11 @@ class HealthCheck:
         except HealthCheckFailed as e:
             return self._failed(str(e))
         except Exception as e:  # noqa: BLE001 - every failure is just "unhealthy"
+            # Agent turns a cancelled request into ResponseNeverReceived([CancelledError]).
+            if self._closed:
+                return "cancelled"
+            if timed_out:
+                return self._failed("request timed out")
             return self._failed(_error_text(e))
         finally:
             if timer.active():
@@ -124,7 +136,8 @@ class HealthCheck:
 
     async def _check_once(self) -> None:
         url = self.url
-        for _ in range(MAX_REDIRECTS + 1):
+        # Like Go's client: at most 10 requests, so the 10th redirect is an error.
+        for _ in range(MAX_REDIRECTS):
             status, location = await self._get(url)
             if 200 <= status < 300:
                 return
@@ -141,6 +154,8 @@ class HealthCheck:
         response = await self._agent.request(b"GET", url.encode("utf-8"), headers)
         try:
             await readBody(response)
+        except defer.CancelledError:
+            raise  # the check timed out or was closed: do not go on to a redirect
         except Exception:  # noqa: BLE001 - a truncated body still tells us the status
             pass
         location = response.headers.getRawHeaders(b"location", [None])[0]

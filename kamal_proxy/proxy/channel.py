@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer, ISSLTransport, ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -77,6 +78,7 @@ _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*\Z")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
 
+_CONNECTION_DONE = Failure(ConnectionDone())
 _TOKEN_START = frozenset(_TOKEN_BYTES)
 _canonical_cache = _nameEncoder._canonicalHeaderCache
 _canonical = _nameEncoder.encode
@@ -511,8 +513,6 @@ class StreamingRequest(server.Request):
             length = UNKNOWN_LENGTH if size else 0
         if size:
             self.body_producer = ContentBody(content, length)
-        elif length:
-            self.body_producer = ContentBody(content, 0)
         self.process()
 
     def process(self) -> None:
@@ -527,6 +527,18 @@ class StreamingRequest(server.Request):
             self.processingFailed(Failure())
 
     write = http.Request.write
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._disconnected or self.channel is None:
+            producer.stopProducing()
+            return
+        http.Request.registerProducer(self, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.channel is None:
+            self.producer = None
+            return
+        http.Request.unregisterProducer(self)
 
     def finish(self) -> None:
         """Finish the response; quietly does nothing once the client is gone (unlike Twisted)."""
@@ -625,7 +637,7 @@ class ProxyChannel(http.HTTPChannel):
         self._networkProducer = IPushProducer(transport, http._NoPushProducer())
         self._networkProducer.registerProducer(self, True)
 
-    def connectionLost(self, reason: Failure = http.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._dead = True
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -873,17 +885,18 @@ class ProxyChannel(http.HTTPChannel):
             text = lengths[0]
             if not text:
                 del raw[b"Content-Length"]
-            elif not text.isdigit() or len(text) > 18:
+            elif not text.isdigit() or len(text) > 19 or int(text) >= 1 << 63:
                 raise _Reject(400, "bad Content-Length")
             else:
                 length = int(text)
 
+        # Go: 100-continue only for HTTP/1.1 with a body; any other expectation fails.
         expect = raw.get(b"Expect")
         expect_continue = False
         if expect is not None:
-            if version == b"HTTP/1.1" and expect[0].lower() == b"100-continue":
-                expect_continue = bool(length)
-            else:
+            if _has_token(expect[:1], b"100-continue"):
+                expect_continue = version == b"HTTP/1.1" and bool(length)
+            elif expect[0]:
                 raise _Reject(417)
 
         persistent = version == b"HTTP/1.1"
@@ -988,6 +1001,11 @@ class ProxyChannel(http.HTTPChannel):
         self._next_request()
 
     def _next_request(self) -> None:
+        if self._linger is not None or self._upgrade is not None:
+            return
+        if self._dead:  # e.g. after a malformed chunked body: unread input may follow
+            self._close_softly()
+            return
         if not self._persistent:
             self._close()
             return
@@ -1018,12 +1036,11 @@ class ProxyChannel(http.HTTPChannel):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _body_stopped(self) -> None:
-        """The consumer gave up on the body: discard the rest, close after the response."""
+        """The consumer gave up on the body: like Go after an early ``Body.Close``, leave the
+        rest unread and close the connection after the response."""
         self._persistent = False
-        if self._discard_left < 0:
-            self._discard_left = DISCARD_BUDGET
         self._body = None
-        self._resume(_P_BODY)
+        self._pause(_P_BODY)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         super().registerProducer(producer, streaming)
@@ -1053,6 +1070,7 @@ class ProxyChannel(http.HTTPChannel):
         self._close_softly()
 
     def _close(self) -> None:
+        self._persistent = False
         self._dead = True
         self._buf = b""
         self.loseConnection()
@@ -1062,6 +1080,7 @@ class ProxyChannel(http.HTTPChannel):
         closeWriteAndWait, half-close, keep reading (and dropping) briefly, then close."""
         if self._linger is not None:
             return
+        self._persistent = False
         self._dead = True
         self._buf = b""
         transport = self.transport
@@ -1147,6 +1166,13 @@ def _parse_target(method: bytes, target: bytes) -> tuple[bytes, bytes, bytes]:
 class _ChannelSelector(http._GenericHTTPChannelProtocol):
     """HTTP/1.x through ``ProxyChannel``, or ``H2Connection`` when ALPN selected ``h2``."""
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._negotiatedProtocol == b"http/1.1":
+            # Decided once per connection: later bytes go straight to the channel (which
+            # handles upgrades itself, so this binding stays right).
+            self.dataReceived = self._channel.dataReceived  # type: ignore[method-assign]
+
 
 def _build_channel(factory: Any) -> _ChannelSelector:
     return _ChannelSelector(ProxyChannel())
@@ -1174,7 +1200,3 @@ class ProxySite(server.Site):
 def make_site(resource: Any, reactor: Any = None) -> ProxySite:
     """The ``Site`` for the HTTP and HTTPS listeners: ``resource`` renders every request."""
     return ProxySite(resource, reactor=reactor)
-
-
-def _unused(*_: Callable[..., Any]) -> None:  # pragma: no cover - keep linters calm
-    pass

@@ -122,7 +122,7 @@ class ProxyExchange:
         "service",
         "target",
         "upstream",
-        "upgraded",
+        "is_upgraded",
         "tunnel",
         "finished",
         "host",
@@ -141,7 +141,7 @@ class ProxyExchange:
         self.service = None
         self.target = None
         self.upstream = None
-        self.upgraded = False
+        self.is_upgraded = False
         self.tunnel = None
         self.finished = False
         self.response_bytes = 0
@@ -397,7 +397,7 @@ class ProxyExchange:
 
     def upgraded(self, tunnel) -> None:
         request = self.request
-        self.upgraded = True
+        self.is_upgraded = True
         self.tunnel = tunnel
         self.status = 101
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
@@ -417,7 +417,7 @@ class ProxyExchange:
     # -- endings ----------------------------------------------------------------
 
     def _upstream_done(self, _result: object) -> None:
-        if self.upgraded:
+        if self.is_upgraded:
             return
         request = self.request
         if not self.finished:
@@ -458,7 +458,7 @@ class ProxyExchange:
         """Called by the target's drain (SPEC §13.2)."""
         if self.finished:
             return
-        if self.upgraded:
+        if self.is_upgraded:
             if self.tunnel is not None:
                 self.tunnel.close()
             return

@@ -194,7 +194,7 @@ def has_configured_hosts(hosts: list[str]) -> bool:
     return bool(hosts) and all(h != "" for h in hosts)
 
 
-_TARGET_PATTERN = re.compile(r"^([A-Za-z0-9_][-_.A-Za-z0-9_+]+)(:[0-9]+)?$")
+_TARGET_PATTERN = re.compile(r"^([A-Za-z0-9_][-_.A-Za-z0-9_+]+)(:[0-9]+)?\Z")
 
 
 def validate_target_address(address: str) -> None:
@@ -251,7 +251,10 @@ def parse_on_demand_url(url: str) -> tuple[str, str]:
         raise OptionsError(
             f'unable to parse tls-on-demand-url: parse "{url}": invalid URI for request'
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unclosed "[" in the host
+        raise OptionsError(f'unable to parse tls-on-demand-url: parse "{url}": {e}') from None
     if parts.scheme.lower() not in ("http", "https"):
         raise OptionsError(f'unsupported scheme "{parts.scheme}" in tls-on-demand-url')
     if not parts.netloc:

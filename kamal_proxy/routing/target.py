@@ -23,7 +23,7 @@ class TargetState(enum.Enum):
 class InFlight(Protocol):
     """A request being served by a target, as the drain sees it."""
 
-    upgraded: bool
+    is_upgraded: bool
 
     def cancel_for_drain(self) -> None:
         """Answer 504 if the response has not started, else cut the connection."""
@@ -128,7 +128,7 @@ class Target:
         self.draining = True
         snapshot = set(self.inflight)
         for request in list(snapshot):
-            if request.upgraded:
+            if request.is_upgraded:
                 snapshot.discard(request)
                 request.cancel_for_drain()
         snapshot &= self.inflight

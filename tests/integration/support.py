@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import base64
 import ctypes
-import errno
 import hashlib
 import http.client
 import json
@@ -25,8 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -44,6 +44,7 @@ __all__ = [
     "free_port",
     "http_request",
     "pattern_bytes",
+    "raw_body",
     "raw_exchange",
     "raw_status",
     "shared_proxy",
@@ -65,6 +66,8 @@ _SCRUBBED_ENV = (
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "all_proxy",
+    "ACME_DIRECTORY",
+    "ACME_CA_BUNDLE",
     "ALL_PROXY",
 )
 
@@ -72,16 +75,21 @@ _SCRUBBED_ENV = (
 # -- processes ------------------------------------------------------------------------------
 
 
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
 def _die_with_parent() -> None:
     """Child pre-exec hook: SIGKILL the child if the test runner dies (Linux only).
 
-    Only spawn from the main thread: the signal fires when the *thread* that forked exits.
+    The signal fires when the *thread* that forked exits, so long-lived children (proxy,
+    upstreams) are spawned from the main thread only.  The libc handle is looked up at import
+    so the hook itself takes no locks.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -360,9 +368,7 @@ class ProxyProcess:
             records = list(self.records[since:])
         return [r for r in records if _matches(r, msg, attrs)]
 
-    def wait_for_log(
-        self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any
-    ) -> dict:
+    def wait_for_log(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> dict:
         """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -390,7 +396,9 @@ class ProxyProcess:
 
     # -- CLI --------------------------------------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> CliResult:
+    def cli(
+        self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+    ) -> CliResult:
         """Run ``kamal-proxy ARGS`` against this server; ``(code, stdout, stderr)``."""
         return run_cli(*args, env={**self.env, **(env or {})}, timeout=timeout, cwd=self.root)
 
@@ -440,7 +448,9 @@ def run_cli(
     except subprocess.TimeoutExpired:
         _stop_pid(proc, signal.SIGKILL, 5)
         proc.communicate()
-        raise AssertionError(f"kamal-proxy {' '.join(args)} did not finish within {timeout}s")
+        raise AssertionError(
+            f"kamal-proxy {' '.join(args)} did not finish within {timeout}s"
+        ) from None
     return CliResult(
         proc.returncode,
         out.decode("utf-8", "replace"),
@@ -681,33 +691,42 @@ def raw_exchange(
 ) -> bytes:
     """Send raw bytes, read until the server closes (or ``timeout`` passes); the bytes read.
 
-    ``data`` may be a list of pieces sent with ``pause`` seconds between them.
+    ``data`` may be a list of pieces sent with ``pause`` seconds between them.  Sending runs
+    in a helper thread while this one reads, so an early answer (e.g. 431 to a huge header)
+    is caught even if the server closes before everything was sent.
     """
     pieces = [data] if isinstance(data, (bytes, bytearray)) else list(data)
     received = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            for i, piece in enumerate(pieces):
-                if i and pause:
-                    time.sleep(pause)
-                s.sendall(piece)
-            if half_close:
-                s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
-                raise
+
+        def send_all() -> None:
+            try:
+                for i, piece in enumerate(pieces):
+                    if i and pause:
+                        time.sleep(pause)
+                    s.sendall(piece)
+                if half_close:
+                    s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             s.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break
             received += chunk
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sender.join(timeout)
     return bytes(received)
 
 
@@ -718,6 +737,29 @@ def raw_status(response: bytes) -> int | None:
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+def raw_body(response: bytes) -> bytes:
+    """The body of the first raw response (Content-Length, chunked or close-delimited)."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        if b":" in line:
+            k, v = line.split(b":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        body = bytearray()
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body += rest[:size]
+            rest = rest[size + 2 :]
+        return bytes(body)
+    if b"content-length" in headers:
+        return rest[: int(headers[b"content-length"])]
+    return rest
 
 
 # -- WebSocket ------------------------------------------------------------------------------
@@ -810,7 +852,7 @@ class WebSocketClient:
         """True when the peer closes the connection (EOF, reset or close frame) within timeout."""
         try:
             return self.recv(timeout) is None
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:
@@ -934,4 +976,6 @@ class IntegrationTestCase(unittest.TestCase):
         return resp
 
     def assertTakes(self, low: float, high: float, elapsed: float, what: str = "") -> None:
-        self.assertTrue(low <= elapsed <= high, f"{what} took {elapsed:.2f}s, not in [{low}, {high}]")
+        self.assertTrue(
+            low <= elapsed <= high, f"{what} took {elapsed:.2f}s, not in [{low}, {high}]"
+        )

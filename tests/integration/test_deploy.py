@@ -89,11 +89,11 @@ class DeployListRemoveTests(IntegrationTestCase):
         def styled(style, text, width):
             return f"\x1b[{style}m{text}\x1b[0m" + " " * (width - len(text)) + "  "
 
-        expected_header = "".join(styled("3;94", h, w) for h, w in zip(HEADER, widths))
+        expected_header = "".join(styled("3;94", h, w) for h, w in zip(HEADER, widths, strict=True))
         self.assertEqual(lines[0], expected_header)
         row_a = ["fmt-a", "a.fmt.test,c.fmt.test", "/", up.addr, "running", "no"]
         expected_a = styled("1;34", row_a[0], widths[0]) + "".join(
-            styled("", c, w) for c, w in zip(row_a[1:], widths[1:])
+            styled("", c, w) for c, w in zip(row_a[1:], widths[1:], strict=True)
         )
         self.assertEqual(lines[1], expected_a)
         self.assertTrue(lines[2].startswith("\x1b[1;34mfmt-b\x1b[0m"), lines[2])
@@ -159,7 +159,7 @@ class DeployListRemoveTests(IntegrationTestCase):
         bodies = [self.get("rr.test").text for _ in range(8)]
         self.assertEqual(sorted(set(bodies)), ["first", "second"])
         self.assertEqual(bodies.count("first"), 4, bodies)
-        for a, b in zip(bodies, bodies[1:]):
+        for a, b in zip(bodies, bodies[1:], strict=False):
             self.assertNotEqual(a, b, bodies)
 
         self.proxy.cli_ok(
@@ -248,7 +248,9 @@ class HealthTests(IntegrationTestCase):
             result.err.strip(),
             "Error: target failed to become healthy within configured timeout (500ms)",
         )
-        record = self.proxy.wait_for_log("Healthcheck failed", since=mark, url="http://127.0.0.1:9/up")
+        record = self.proxy.wait_for_log(
+            "Healthcheck failed", since=mark, url="http://127.0.0.1:9/up"
+        )
         self.assertTrue(record.get("error"))
 
     def test_failed_redeploy_keeps_old_target(self):
@@ -313,7 +315,9 @@ class HealthTests(IntegrationTestCase):
         """Scenario 147: 200ms interval -> 5..14 checks in 2s per target of a pair; a lone
         healthy target is no longer checked and keeps serving when its /up fails."""
         a, b = self.upstream("a"), self.upstream("b")
-        self.deploy("pair", a.addr, b.addr, "--host", "pair.test", "--health-check-interval", "200ms")
+        self.deploy(
+            "pair", a.addr, b.addr, "--host", "pair.test", "--health-check-interval", "200ms"
+        )
         a.reset()
         b.reset()
         time.sleep(2.0)
@@ -344,7 +348,9 @@ class HealthTests(IntegrationTestCase):
         self.assertEqual(bodies, {"b"})
 
         b.set_health(500)
-        self.proxy.wait_for_log("Target health updated", since=mark, target=b.addr, state="unhealthy")
+        self.proxy.wait_for_log(
+            "Target health updated", since=mark, target=b.addr, state="unhealthy"
+        )
         self.assertEqual(self.get("rot.test").status, 503)
 
         a.set_health(200)
@@ -400,7 +406,9 @@ class HealthTests(IntegrationTestCase):
         """Scenario 146: 204/299 are healthy; 404 and 302 are not, logged as unexpected."""
         for status in (204, 299):
             up = self.upstream(f"h{status}", "--health-status", str(status))
-            self.deploy(f"h{status}", up.addr, "--host", f"h{status}.test", "--deploy-timeout", "3s")
+            self.deploy(
+                f"h{status}", up.addr, "--host", f"h{status}.test", "--deploy-timeout", "3s"
+            )
         for status in (404, 302):
             up = self.upstream(f"h{status}", "--health-status", str(status))
             result = self.proxy.cli(
@@ -409,7 +417,9 @@ class HealthTests(IntegrationTestCase):
             )  # fmt: skip
             self.assertEqual(result.code, 1)
             self.proxy.wait_for_log(
-                "Healthcheck failed", url=f"http://{up.addr}/up", error=f"unexpected status ({status})"
+                "Healthcheck failed",
+                url=f"http://{up.addr}/up",
+                error=f"unexpected status ({status})",
             )
 
     def test_health_check_timeout(self):

@@ -405,7 +405,9 @@ class WebSocketTests(ProxyTestCase):
 
     def test_prefix_routing(self):
         """Scenario 165: host + path-prefix routing applies to upgrades."""
-        self.deploy("wsprefix", self.app.addr, "--host", "ws.example.com", "--path-prefix", "/cable")
+        self.deploy(
+            "wsprefix", self.app.addr, "--host", "ws.example.com", "--path-prefix", "/cable"
+        )
         ws = self.connect(host="ws.example.com", path="/cable/ws")
         self.assertEqual(ws.header("X-Upstream-Path"), "/ws")
         ws.send("routed")
@@ -465,4 +467,3 @@ class KeepAliveTests(ProxyTestCase):
         record = self.proxy.wait_for_log("Request", since=mark, path="/slow", timeout=5)
         self.assertEqual(record["status"], 499)
         eventually(lambda: self.proxy.request("GET", "/", host=self.HOST).text == "app")
-

@@ -51,7 +51,9 @@ class HostRoutingTests(IntegrationTestCase):
         first, second = upstreams("first", "second")
         self.deploy("owner", first.addr, "--host", "conflict.test")
         mark = self.proxy.log_mark()
-        result = self.proxy.cli("deploy", "intruder", "--target", second.addr, "--host", "conflict.test")
+        result = self.proxy.cli(
+            "deploy", "intruder", "--target", second.addr, "--host", "conflict.test"
+        )
         self.assertEqual(result.code, 1)
         self.assertEqual(result.err, "Error: host is used by another service\n")
         self.addCleanup(self.proxy.cli, "remove", "intruder")

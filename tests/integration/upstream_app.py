@@ -101,6 +101,7 @@ STATE: State
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
     def version_string(self) -> str:
         return "upstream-app"
 
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     until = time.monotonic() + args.unhealthy_for if args.unhealthy_for else 0.0
     STATE = State(args.name, args.health_status, until, args.health_path or ["/up"])
     server = Server(("127.0.0.1", args.port), Handler)
-    sys.stdout.write("PORT %d\n" % server.server_address[1])
+    sys.stdout.write(f"PORT {server.server_address[1]}\n")
     sys.stdout.flush()
     try:
         server.serve_forever(poll_interval=0.2)

@@ -1,0 +1,296 @@
+"""JSON logs on stdout (SPEC §17): one object per line, Go ``slog`` JSON handler layout.
+
+Ordinary messages go through ``twisted.logger`` (``emit``/``info``/...), so tests and tools can
+observe them; the observer installed by ``start_logging`` writes ours as JSON and sends nothing
+else to stdout (library errors and tracebacks go to stderr, Twisted's chatter is dropped).
+The request log line is on the hot path and is written directly by ``log_request``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any, Callable, Iterable
+
+from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.python.failure import Failure
+
+__all__ = [
+    "DEBUG",
+    "ERROR",
+    "INFO",
+    "REQUEST_KEYS",
+    "WARN",
+    "JsonLog",
+    "debug",
+    "emit",
+    "error",
+    "format_time",
+    "header_log_key",
+    "info",
+    "log_request",
+    "start_logging",
+    "warn",
+]
+
+DEBUG = "DEBUG"
+INFO = "INFO"
+WARN = "WARN"
+ERROR = "ERROR"
+
+_RANK = {DEBUG: 0, INFO: 1, WARN: 2, ERROR: 3}
+_TWISTED_LEVEL = {
+    DEBUG: LogLevel.debug,
+    INFO: LogLevel.info,
+    WARN: LogLevel.warn,
+    ERROR: LogLevel.error,
+}
+
+# SPEC §17.2, in order; custom req_/resp_ header keys follow.
+REQUEST_KEYS = (
+    "host",
+    "port",
+    "path",
+    "request_id",
+    "status",
+    "service",
+    "target",
+    "duration",
+    "method",
+    "req_content_length",
+    "req_content_type",
+    "resp_content_length",
+    "resp_content_type",
+    "client_addr",
+    "client_port",
+    "remote_addr",
+    "user_agent",
+    "proto",
+    "scheme",
+    "query",
+)
+
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_default).encode
+
+
+def header_log_key(prefix: str, name: str) -> str:
+    """``req_``/``resp_`` key for a configured header (Go: canonicalise, lower, ``-`` → ``_``)."""
+    return prefix + name.lower().replace("-", "_")
+
+
+# --------------------------------------------------------------------------------------------
+# Time: Go's time.RFC3339Nano in the local zone (``Z`` when the offset is zero).
+
+_second_cache: list[Any] = [None, ""]
+
+
+def format_time(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    if seconds != _second_cache[0]:
+        local = time.localtime(seconds)
+        offset = local.tm_gmtoff or 0
+        if offset == 0:
+            zone = "Z"
+        else:
+            sign = "+" if offset > 0 else "-"
+            hours, minutes = divmod(abs(offset) // 60, 60)
+            zone = "%s%02d:%02d" % (sign, hours, minutes)
+        _second_cache[1] = (time.strftime("%Y-%m-%dT%H:%M:%S", local), zone)
+        _second_cache[0] = seconds
+    stamp, zone = _second_cache[1]
+    if fraction:
+        return "%s.%s%s" % (stamp, ("%09d" % fraction).rstrip("0"), zone)
+    return stamp + zone
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+def _json_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int or kind is float:
+        return _dumps(value)
+    if isinstance(value, bytes):
+        return _encode_str(value.decode("utf-8", "replace"))
+    if isinstance(value, Failure):
+        return _encode_str(value.getErrorMessage())
+    if isinstance(value, BaseException):
+        return _encode_str(str(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ",".join(_json_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(
+            _encode_str(str(k)) + ":" + _json_value(v) for k, v in value.items()
+        ) + "}"
+    return _encode_str(str(value))
+
+
+def _go_safe(line: str) -> str:
+    # Go's JSON encoder escapes the two JavaScript line separators; Python's does not.
+    if "\u2028" in line or "\u2029" in line:
+        line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+
+
+class JsonLog:
+    """Writes JSON log lines to ``stream``; also a ``twisted.logger`` observer."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        debug: bool = False,
+        error_stream: IO[str] | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.stream = stream
+        self.min_rank = 0 if debug else 1
+        self.error_stream = error_stream
+        self.clock = clock
+
+    def line(self, level: str, msg: str, attrs: Iterable[tuple[str, Any]] = ()) -> None:
+        """Write one line: time, level, msg, then ``attrs`` in order (duplicates kept)."""
+        if _RANK.get(level, 1) < self.min_rank:
+            return
+        parts = [
+            '{"time":"',
+            format_time(self.clock()),
+            '","level":"',
+            level,
+            '","msg":',
+            _encode_str(msg),
+        ]
+        for key, value in attrs:
+            parts += (",", _encode_str(key), ":", _json_value(value))
+        parts.append("}\n")
+        self._write(_go_safe("".join(parts)))
+
+    def request(self, fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:
+        """The §17.2 request line: the built-in keys in spec order, then ``extra``."""
+        if self.min_rank > 1:
+            return
+        get = fields.get
+        record = {"time": format_time(self.clock()), "level": "INFO", "msg": "Request"}
+        for key in REQUEST_KEYS:
+            record[key] = get(key, "")
+        text = _dumps(record)
+        if extra:
+            tail = "".join(
+                "," + _encode_str(key) + ":" + _json_value(value) for key, value in extra
+            )
+            text = text[:-1] + tail + "}"
+        self._write(_go_safe(text + "\n"))
+
+    def _write(self, text: str) -> None:
+        stream = self.stream
+        stream.write(text)
+        stream.flush()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """twisted.logger observer: ours as JSON; library errors to stderr; the rest dropped."""
+        msg = event.get("kp_msg")
+        if msg is not None:
+            self.line(event.get("kp_level", INFO), msg, event.get("kp_attrs", ()))
+            return
+        level = event.get("log_level")
+        if self.error_stream is None:
+            return
+        if event.get("log_failure") is not None or (
+            level is not None and level >= LogLevel.error
+        ):
+            text = formatEventAsClassicLogText(event)
+            if text:
+                self.error_stream.write(text)
+                self.error_stream.flush()
+
+
+_logger = Logger(namespace="kamal_proxy")
+_active: JsonLog | None = None
+
+
+def start_logging(
+    debug: bool = False,
+    stream: IO[str] | None = None,
+    error_stream: IO[str] | None = None,
+    clock: Callable[[], int] = time.time_ns,
+) -> JsonLog:
+    """Install the JSON observer as the only global log observer (call once, at startup)."""
+    global _active
+    log = JsonLog(
+        stream if stream is not None else sys.stdout,
+        debug=debug,
+        error_stream=error_stream if error_stream is not None else sys.stderr,
+        clock=clock,
+    )
+    _active = log
+    globalLogBeginner.beginLoggingTo(
+        [log],
+        discardBuffer=True,
+        redirectStandardIO=False,
+    )
+    return log
+
+
+def set_active(log: JsonLog | None) -> None:
+    """Route ``log_request`` to ``log`` without touching Twisted's global observers (tests)."""
+    global _active
+    _active = log
+
+
+def emit(level: str, msg: str, **attrs: Any) -> None:
+    """Log ``msg`` at ``level`` (DEBUG/INFO/WARN/ERROR) with ``attrs`` in keyword order."""
+    _logger.emit(
+        _TWISTED_LEVEL.get(level, LogLevel.info),
+        kp_level=level,
+        kp_msg=msg,
+        kp_attrs=tuple(attrs.items()),
+    )
+
+
+def debug(msg: str, **attrs: Any) -> None:
+    emit(DEBUG, msg, **attrs)
+
+
+def info(msg: str, **attrs: Any) -> None:
+    emit(INFO, msg, **attrs)
+
+
+def warn(msg: str, **attrs: Any) -> None:
+    emit(WARN, msg, **attrs)
+
+
+def error(msg: str, **attrs: Any) -> None:
+    emit(ERROR, msg, **attrs)
+
+
+def log_request(fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:
+    """Write the request log line (SPEC §17.2); a no-op before ``start_logging``.
+
+    ``fields`` holds the built-in keys (missing ones log ``""``); ``extra`` the configured
+    ``req_*``/``resp_*`` header keys in order (a key may repeat a built-in one, as in Go).
+    """
+    log = _active
+    if log is not None:
+        log.request(fields, extra)

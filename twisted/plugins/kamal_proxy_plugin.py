@@ -1,0 +1,73 @@
+"""``twistd kamal-proxy``: the same server as ``kamal-proxy run``, as a twistd plugin.
+
+Flags and environment defaults are those of ``run`` (SPEC §3.4); both doors build the service
+with ``kamal_proxy.app.make_service``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+def _port(text: str) -> int:
+    """Ints as ``kamal-proxy run`` reads them (Go ``strconv.ParseInt`` with base prefixes)."""
+    from kamal_proxy.cli.flags import parse_int
+
+    return parse_int(text)
+
+
+class Options(usage.Options):
+    """Options of ``twistd kamal-proxy``; defaults come from the environment at parse time."""
+
+    optFlags = [
+        ["debug", None, "Include debugging logs"],
+        ["http3", None, "Enable HTTP/3"],
+    ]
+    optParameters = [
+        ["http-port", None, None, "Port to serve HTTP traffic on", _port],
+        ["https-port", None, None, "Port to serve HTTPS traffic on", _port],
+        ["metrics-port", None, None, "Publish metrics on the specified port (0 = disabled)", _port],
+        ["acme-directory", None, None, "ACME directory URL to use instead of Let's Encrypt"],
+        ["acme-ca-bundle", None, None, "CA bundle (PEM) to trust for the ACME directory"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kamal_proxy.cli.run import run_defaults
+
+        for name, value in run_defaults().items():
+            if name in ("debug", "http3"):
+                self[name] = bool(value)
+            else:
+                self[name] = value
+
+    def opt_debug(self) -> None:
+        self["debug"] = True
+
+    def opt_http3(self) -> None:
+        self["http3"] = True
+
+    def run_options(self) -> Any:
+        from kamal_proxy.cli.run import run_options
+
+        return run_options(self)
+
+
+@implementer(IServiceMaker, IPlugin)
+class KamalProxyServiceMaker:
+    tapname = "kamal-proxy"
+    description = "HTTP proxy for zero downtime deployments"
+    options = Options
+
+    def makeService(self, options: Options) -> Any:
+        from kamal_proxy.app import make_service
+
+        return make_service(options.run_options())
+
+
+serviceMaker = KamalProxyServiceMaker()
