@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -241,8 +242,9 @@ class RequestParsingTests(unittest.TestCase):
     def test_simple_get(self) -> None:
         handler = Handler()
         proto, transport, _ = connect(handler)
-        proto.dataReceived(b"GET /a%20b/c?x=1&y HTTP/1.1\r\nHost: Example.COM:8080\r\nX-A: 1\r\n"
-                           b"x-a:  2 \r\n\r\n")
+        proto.dataReceived(
+            b"GET /a%20b/c?x=1&y HTTP/1.1\r\nHost: Example.COM:8080\r\nX-A: 1\r\nx-a:  2 \r\n\r\n"
+        )
         [request] = handler.requests
         self.assertEqual(request.method, b"GET")
         self.assertEqual(request.uri, b"/a%20b/c?x=1&y")
@@ -330,9 +332,7 @@ class PersistenceTests(unittest.TestCase):
     def test_pipelined_requests_answered_in_order(self) -> None:
         handler = Handler(lambda request: request.path)
         proto, transport, _ = connect(handler)
-        proto.dataReceived(b"".join(
-            b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(21)
-        ))
+        proto.dataReceived(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(21)))
         responses = parse_responses(transport.value())
         self.assertEqual(len(responses), 21)
         self.assertEqual([r[2] for r in responses], [b"/%d" % i for i in range(21)])
@@ -350,8 +350,9 @@ class PersistenceTests(unittest.TestCase):
         handler.requests[1].finish()
         handler.requests[2].write(b"third")
         handler.requests[2].finish()
-        self.assertEqual([r[2] for r in parse_responses(transport.value())],
-                         [b"first", b"", b"third"])
+        self.assertEqual(
+            [r[2] for r in parse_responses(transport.value())], [b"first", b"", b"third"]
+        )
 
     def test_pipelined_bytes_pause_reading(self) -> None:
         handler = Handler(lambda request: NOT_DONE_YET)
@@ -487,6 +488,7 @@ class BodyTests(unittest.TestCase):
         )
         [request] = handler.requests
         self.assertIsNone(request.requestHeaders.getRawHeaders(b"content-length"))
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"transfer-encoding"), [b"chunked"])
         self.assertIs(request.body_producer.length, UNKNOWN_LENGTH)
         self.assertEqual(sink.body, b"hello")
 
@@ -638,7 +640,7 @@ class UpgradeTests(unittest.TestCase):
             request.responseHeaders.setRawHeaders(b"upgrade", [b"websocket"])
             request.responseHeaders.setRawHeaders(b"connection", [b"Upgrade"])
             request.notifyFinish().addCallback(finished.append)
-            request.take_over_transport(tunnel)
+            request.take_over_transport(tunnel, write_head=True)
             return NOT_DONE_YET
 
         handler = Handler(respond)
@@ -659,6 +661,24 @@ class UpgradeTests(unittest.TestCase):
         self.assertEqual(len(tunnel.lost), 1)
         handler.requests[0].finish()
         self.assertEqual(finished, [None])
+
+    def test_take_over_after_head_written_by_caller(self) -> None:
+        tunnel = Tunnel()
+
+        def respond(request: StreamingRequest) -> Any:
+            transport = request.channel.transport
+            transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+            tunnel.makeConnection(transport)
+            request.take_over_transport(tunnel)
+            return NOT_DONE_YET
+
+        proto, transport, _ = connect(Handler(respond))
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\nabc")
+        self.assertEqual(
+            transport.value(), b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
+        )
+        self.assertEqual(tunnel.received, b"abc")
+        transport.unregisterProducer()  # the channel leaves its producer slot to the tunnel
 
 
 class ProducerTests(unittest.TestCase):
@@ -693,7 +713,8 @@ class ProducerTests(unittest.TestCase):
 
 
 _token = st.text(
-    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=1,
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
+    min_size=1,
     max_size=20,
 )
 _value = st.binary(max_size=40).map(
@@ -705,15 +726,27 @@ class PropertyTests(unittest.TestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.tuples(_token, _value), max_size=15))
     def test_headers_round_trip(self, headers: list[tuple[str, bytes]]) -> None:
-        headers = [(n, v) for n, v in headers if n.lower() not in {
-            "host", "content-length", "transfer-encoding", "expect", "connection", "pragma",
-            "cache-control",
-        }]
+        headers = [
+            (n, v)
+            for n, v in headers
+            if n.lower()
+            not in {
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "expect",
+                "connection",
+                "pragma",
+                "cache-control",
+            }
+        ]
         handler = Handler()
         proto, transport, _ = connect(handler)
-        raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(
-            b"%s: %s\r\n" % (n.encode(), v) for n, v in headers
-        ) + b"\r\n"
+        raw = (
+            b"GET / HTTP/1.1\r\nHost: h\r\n"
+            + b"".join(b"%s: %s\r\n" % (n.encode(), v) for n, v in headers)
+            + b"\r\n"
+        )
         proto.dataReceived(raw)
         [request] = handler.requests
         expected: dict[bytes, list[bytes]] = {}
@@ -753,3 +786,56 @@ class PropertyTests(unittest.TestCase):
         self.assertEqual(done, [None])
 
 
+class LoopbackTests(unittest.TestCase):
+    """Over real TCP on 127.0.0.1: the rejection reaches the client before the close."""
+
+    def test_oversized_head_over_tcp(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        site = make_site(Handler(), reactor)
+        server_lost: Deferred[None] = Deferred()
+        build = site.buildProtocol
+
+        def build_protocol(addr: Any) -> Any:
+            proto = build(addr)
+            channel = proto._channel
+            lost = channel.connectionLost
+
+            def connection_lost(reason: Failure) -> None:
+                lost(reason)
+                server_lost.callback(None)
+
+            channel.connectionLost = connection_lost
+            return proto
+
+        site.buildProtocol = build_protocol  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        class Client(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+                self.done: Deferred[bytes] = Deferred()
+
+            def connectionMade(self) -> None:
+                self.transport.write(
+                    GET + b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (2 << 20) + b"\r\n\r\n"
+                )
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: Failure) -> None:
+                self.done.callback(self.data)
+
+        client = Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        d = connectProtocol(endpoint, client).addCallback(lambda _: client.done)
+
+        def check(data: bytes) -> Deferred[None]:
+            statuses = [r[0] for r in parse_responses(data)]
+            self.assertEqual(statuses, [200, 431])
+            return server_lost
+
+        return d.addCallback(check)

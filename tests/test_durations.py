@@ -116,9 +116,7 @@ class ParseTests(unittest.TestCase):
         # control characters as \x escapes of their UTF-8 bytes, in both quoted strings.
         self.assertRejects('1x"', 'time: unknown unit "x\\"" in duration "1x\\""')
         self.assertRejects("1x\\", 'time: unknown unit "x\\\\" in duration "1x\\\\"')
-        self.assertRejects(
-            "1\u00e9", 'time: unknown unit "\\xc3\\xa9" in duration "1\\xc3\\xa9"'
-        )
+        self.assertRejects("1\u00e9", 'time: unknown unit "\\xc3\\xa9" in duration "1\\xc3\\xa9"')
         self.assertRejects("1\n", 'time: unknown unit "\\x0a" in duration "1\\x0a"')
         self.assertRejects('"', 'time: invalid duration "\\""')
 

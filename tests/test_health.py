@@ -62,6 +62,18 @@ class URLTests(unittest.TestCase):
         )
         self.assertEqual(self.url("web:3000", "/caf\u00e9"), "http://web:3000/caf%C3%A9")
 
+    def test_valid_encoding_kept_as_given(self) -> None:
+        # Go's URL.EscapedPath keeps a path that is already validly encoded.
+        self.assertEqual(self.url("web:3000", "/health!"), "http://web:3000/health!")
+        self.assertEqual(self.url("web:3000", "/(a)*[b]'"), "http://web:3000/(a)*[b]'")
+        self.assertEqual(self.url("web:3000", "/a%20b"), "http://web:3000/a%20b")
+        self.assertEqual(self.url("web:3000", "/a%2Fb"), "http://web:3000/a%2Fb")
+        # Otherwise the decoded path is escaped afresh.
+        self.assertEqual(self.url("web:3000", "/a b%20c!"), "http://web:3000/a%20b%20c%21")
+        self.assertEqual(self.url("web:3000", "/a%2Fb c"), "http://web:3000/a/b%20c")
+        # An invalid escape cannot be decoded: its % is escaped.
+        self.assertEqual(self.url("web:3000", "/x%zz"), "http://web:3000/x%25zz")
+
 
 class Backend:
     """A twisted.web server on 127.0.0.1 with the endpoints the checks below need."""
@@ -202,9 +214,7 @@ class RealCheckTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_failure_url_is_the_full_check_url(self) -> Any:
         yield self.assertUnhealthy("/status/500", "unexpected status (500)")
-        self.assertEqual(
-            self.failures()[-1]["url"], f"http://{self.backend.address}/status/500"
-        )
+        self.assertEqual(self.failures()[-1]["url"], f"http://{self.backend.address}/status/500")
 
     @defer.inlineCallbacks
     def test_redirects_followed(self) -> Any:
@@ -317,8 +327,10 @@ class FakeAgent:
         self.requests.append((method, uri, headers or Headers(), d))
         return d
 
-    def answer(self, code: int, location: str | None = None, stall: bool = False) -> None:
-        self.requests[-1][3].callback(FakeResponse(code, location, stall))
+    def answer(
+        self, code: int, location: str | None = None, stall: bool = False, index: int = -1
+    ) -> None:
+        self.requests[index][3].callback(FakeResponse(code, location, stall))
 
 
 class ScheduleTests(unittest.TestCase):

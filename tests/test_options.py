@@ -191,9 +191,7 @@ class ValidationTests(unittest.TestCase):
         self.assertEqual(options.path_prefixes, ["api/"])
 
     def test_is_a_value_error(self) -> None:
-        self.assertRaises(
-            ValueError, validate_service_options, ServiceOptions(tls_enabled=True)
-        )
+        self.assertRaises(ValueError, validate_service_options, ServiceOptions(tls_enabled=True))
 
 
 class OnDemandURLTests(unittest.TestCase):
@@ -260,8 +258,10 @@ class OnDemandURLTests(unittest.TestCase):
 class NormalizationTests(unittest.TestCase):
     def test_hosts(self) -> None:
         self.assertEqual(normalize_hosts([]), [""])
-        self.assertEqual(normalize_hosts(["B.example.com", " x ", "B.example.com"]),
-                         ["B.example.com", " x ", "B.example.com"])
+        self.assertEqual(
+            normalize_hosts(["B.example.com", " x ", "B.example.com"]),
+            ["B.example.com", " x ", "B.example.com"],
+        )
         self.assertEqual(normalize_hosts([""]), [""])
 
     def test_path_prefixes_scenario_31(self) -> None:
@@ -459,7 +459,9 @@ class JSONTests(unittest.TestCase):
                 "scope_cookie_paths",
             ],
         )
-        self.assertEqual(list(data["health_check_config"]), ["path", "port", "interval", "timeout", "host"])
+        self.assertEqual(
+            list(data["health_check_config"]), ["path", "port", "interval", "timeout", "host"]
+        )
 
     def test_spec_example_values(self) -> None:
         options = ServiceOptions(
@@ -531,12 +533,16 @@ class JSONTests(unittest.TestCase):
     @given(service_options)
     def test_service_round_trip(self, options: ServiceOptions) -> None:
         self.assertEqual(ServiceOptions.from_json(options.to_json()), options)
-        self.assertEqual(ServiceOptions.from_json(json.loads(json.dumps(options.to_json()))), options)
+        self.assertEqual(
+            ServiceOptions.from_json(json.loads(json.dumps(options.to_json()))), options
+        )
 
     @given(target_options)
     def test_target_round_trip(self, options: TargetOptions) -> None:
         self.assertEqual(TargetOptions.from_json(options.to_json()), options)
-        self.assertEqual(TargetOptions.from_json(json.loads(json.dumps(options.to_json()))), options)
+        self.assertEqual(
+            TargetOptions.from_json(json.loads(json.dumps(options.to_json()))), options
+        )
 
     @given(service_options)
     def test_empty_lists_are_null(self, options: ServiceOptions) -> None:

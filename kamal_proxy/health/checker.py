@@ -7,8 +7,9 @@ which is what a fixed-rate Go ticker with a blocking receiver does.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, unquote_to_bytes, urljoin
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
@@ -40,7 +41,18 @@ def _join_path(path: str) -> str:
         cleaned = "/" + cleaned.lstrip("/")
     if path.endswith("/") and cleaned != "/":
         cleaned += "/"
-    return quote(cleaned, safe="/$&+,:;=@~")
+    # Go keeps a path that is already validly encoded as given (``!``, ``(``, ``%20`` ...)
+    # and otherwise escapes its decoded form.
+    if _BAD_ESCAPE.search(cleaned):
+        return quote(cleaned, safe=_PATH_SAFE)
+    if _VALID_ENCODED.match(cleaned):
+        return cleaned
+    return quote(unquote_to_bytes(cleaned), safe=_PATH_SAFE)
+
+
+_PATH_SAFE = "/$&+,:;=@~"
+_VALID_ENCODED = re.compile(r"[-A-Za-z0-9._~!$&'()*+,;=:@\[\]%/]*\Z")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class HealthCheckFailed(Exception):

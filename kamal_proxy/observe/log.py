@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import IO, Any
 
-from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText, globalLogBeginner
 from twisted.python.failure import Failure
 
 __all__ = [
@@ -106,12 +107,12 @@ def format_time(ns: int) -> str:
         else:
             sign = "+" if offset > 0 else "-"
             hours, minutes = divmod(abs(offset) // 60, 60)
-            zone = "%s%02d:%02d" % (sign, hours, minutes)
+            zone = f"{sign}{hours:02d}:{minutes:02d}"
         _second_cache[1] = (time.strftime("%Y-%m-%dT%H:%M:%S", local), zone)
         _second_cache[0] = seconds
     stamp, zone = _second_cache[1]
     if fraction:
-        return "%s.%s%s" % (stamp, ("%09d" % fraction).rstrip("0"), zone)
+        return f"{stamp}.{f'{fraction:09d}'.rstrip('0')}{zone}"
     return stamp + zone
 
 
@@ -138,9 +139,11 @@ def _json_value(value: Any) -> str:
     if isinstance(value, (list, tuple, set, frozenset)):
         return "[" + ",".join(_json_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(
-            _encode_str(str(k)) + ":" + _json_value(v) for k, v in value.items()
-        ) + "}"
+        return (
+            "{"
+            + ",".join(_encode_str(str(k)) + ":" + _json_value(v) for k, v in value.items())
+            + "}"
+        )
     return _encode_str(str(value))
 
 
@@ -217,9 +220,7 @@ class JsonLog:
         level = event.get("log_level")
         if self.error_stream is None:
             return
-        if event.get("log_failure") is not None or (
-            level is not None and level >= LogLevel.error
-        ):
+        if event.get("log_failure") is not None or (level is not None and level >= LogLevel.error):
             text = formatEventAsClassicLogText(event)
             if text:
                 self.error_stream.write(text)

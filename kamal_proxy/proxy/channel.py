@@ -557,14 +557,17 @@ class StreamingRequest(server.Request):
         self.finished = 1
         self._cleanup()
 
-    def take_over_transport(self, protocol: IProtocol) -> None:
+    def take_over_transport(self, protocol: IProtocol, write_head: bool = False) -> None:
         """Hand the raw client connection to ``protocol`` (after an upstream ``101``).
 
-        Writes the response head (status and ``responseHeaders``, no body framing) unless
-        already written, stops HTTP parsing and connects ``protocol`` to the transport; bytes
-        already received after the request head are delivered to it first. From then on
-        ``protocol`` gets every byte and ``connectionLost``; ``finish()`` only fires the
-        ``notifyFinish`` Deferreds (call it when the tunnel closes, for the log line).
+        The caller has written the ``101`` head to ``request.channel.transport`` already, or
+        passes ``write_head=True`` to have it written from ``code``/``responseHeaders`` (no
+        body framing). HTTP parsing stops; ``protocol.makeConnection(transport)`` is called
+        unless ``protocol.transport`` is already set; bytes received after the request head
+        are delivered to ``protocol.dataReceived`` at once, later ones and ``connectionLost``
+        as they come. The channel stays registered as the transport's producer: a protocol
+        that registers its own must ``transport.unregisterProducer()`` first. ``finish()``
+        then only fires the ``notifyFinish`` Deferreds (call it when the tunnel closes).
         """
         channel = self.channel
         if channel is None or self._disconnected:
@@ -572,11 +575,11 @@ class StreamingRequest(server.Request):
         take_over = getattr(channel, "_take_over", None)
         if take_over is None:
             raise RuntimeError("connection upgrades need HTTP/1.1")
-        if not self.startedWriting:
-            self.startedWriting = 1
+        if write_head and not self.startedWriting:
             channel.writeHeaders(
                 self.clientproto, b"%d" % self.code, self.code_message, self.responseHeaders
             )
+        self.startedWriting = 1
         self._upgraded = True
         take_over(self, protocol)
 
@@ -880,6 +883,7 @@ class ProxyChannel(http.HTTPChannel):
                 raise _Reject(501)
             chunked = True
             length = UNKNOWN_LENGTH
+            raw[b"Transfer-Encoding"] = [b"chunked"]  # informative; it is hop-by-hop
             raw.pop(b"Content-Length", None)
         elif lengths is not None:
             text = lengths[0]
@@ -1111,11 +1115,11 @@ class ProxyChannel(http.HTTPChannel):
                 body._abandon()
         rest = self._buf
         self._buf = b""
-        self._networkProducer.unregisterProducer()
         if self._paused:
             self._paused = 0
             self.transport.resumeProducing()
-        protocol.makeConnection(self.transport)
+        if getattr(protocol, "transport", None) is None:
+            protocol.makeConnection(self.transport)
         if rest:
             protocol.dataReceived(rest)
 

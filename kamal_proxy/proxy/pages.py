@@ -207,7 +207,7 @@ def builtin_page(status: int, message: str | None = None) -> bytes:
     503 shows the escaped stop message when there is one), ``<h1>`` fallback otherwise."""
     page = _PAGES.get(status)
     if page is None:
-        return ("<h1>%d %s</h1>" % (status, status_text(status))).encode()
+        return f"<h1>{status} {status_text(status)}</h1>".encode()
     reason, text = page
     if status == 503 and message:
         text = escape_html(message)
@@ -298,7 +298,7 @@ def _tokenize(source: str, name: str) -> list[tuple[str, str]]:
             trim_next = True
             inner = inner[:-1]
         if "{{" in inner:
-            raise PagesError(f"template: {name}: unexpected \"{{{{\" in command")
+            raise PagesError(f'template: {name}: unexpected "{{{{" in command')
         tokens.append(("action", inner.strip(_SPACE)))
         pos = end + 2
 
@@ -329,7 +329,12 @@ def _parse(source: str, name: str) -> tuple[Any, ...]:
         if keyword == "if":
             if not rest:
                 raise PagesError(f"template: {name}: missing value for if")
-            frame = {"branches": [], "cond": _parse_field(rest, name), "else": None, "parent": current}
+            frame = {
+                "branches": [],
+                "cond": _parse_field(rest, name),
+                "else": None,
+                "parent": current,
+            }
             stack.append(frame)
             current = []
             frame["body"] = current

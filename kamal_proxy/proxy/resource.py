@@ -264,9 +264,9 @@ class ProxyExchange:
         if request.method in READ_METHODS:
             request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
             if request.method == b"GET":
-                body = b'<a href="%s">Moved Permanently</a>.\n\n' % pages.html_escape(
-                    location
-                ).encode("utf-8")
+                body = b'<a href="%s">Moved Permanently</a>.\n\n' % _escape_url(location).encode(
+                    "utf-8"
+                )
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self.status = 301
         if body:
@@ -571,6 +571,16 @@ class ProxyExchange:
                     v.decode("latin-1") for v in request.responseHeaders.getRawHeaders(name, ())
                 )
         log_request(fields)
+
+
+_URL_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;"}
+)
+
+
+def _escape_url(url: str) -> str:
+    """Go's ``http.Redirect`` escaping of the link in its body."""
+    return url.translate(_URL_ESCAPES)
 
 
 def _first(headers, name: bytes) -> str:

@@ -82,8 +82,22 @@ _RESPONSE_SPECIAL = {
     b"te": _HOP,
     b"upgrade": _HOP,
 }
+# Connection tokens that never name a relayed header (and Content-Length must survive).
+_NOT_HEADER_TOKENS = frozenset((b"keep-alive", b"close", b"content-length", b""))
+_NO_TOKENS: frozenset[bytes] = frozenset()
 # Framing of the upstream request is ours alone: a stray copy from the caller would smuggle.
 _REQUEST_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+# Request header name as given -> whether it is framing (cached like _NAME_CODES below).
+_FRAMING_NAMES: dict[bytes, bool] = {}
+
+
+def _is_framing(name: bytes) -> bool:
+    drop = name.lower() in _REQUEST_FRAMING
+    if len(_FRAMING_NAMES) < 2048:
+        _FRAMING_NAMES[name] = drop
+    return drop
+
+
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 # Go sends `Content-Length: 0` for these methods when there is no body.
 _ZERO_LENGTH_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -117,19 +131,33 @@ def _parse_head(head: bytes) -> tuple[bool, int, bytes, list[tuple[bytes, bytes]
     """
     lines = head.split(b"\r\n") if b"\r\n" in head else head.split(b"\n")
     line = lines[0]
-    version, _, rest = line.partition(b" ")
-    if version == b"HTTP/1.1":
+    version = line[:9]
+    if version == b"HTTP/1.1 ":
         v11 = True
-    elif version == b"HTTP/1.0":
+    elif version == b"HTTP/1.0 ":
         v11 = False
     else:
         raise _BadResponse(f"malformed HTTP response {line[:64]!r}")
-    code, _, reason = rest.partition(b" ")
-    if len(code) != 3 or not code.isdigit() or code[0] == 48:
-        raise _BadResponse(f"malformed HTTP status code {code[:16]!r}")
+    code = line[9:12]
+    if not code.isdigit() or code[0] == 48 or line[12:13] not in (b" ", b""):
+        raise _BadResponse(f"malformed HTTP status code {line[9:25]!r}")
+    reason = line[13:]
+    del lines[0]
     headers: list[tuple[bytes, bytes]] = []
-    for i in range(1, len(lines)):
-        line = lines[i]
+    append = headers.append
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        # `32 in name` (an int) is several times faster than `b" " in name`.
+        if not sep or 32 in name or 9 in name or not name:
+            return v11, int(code), reason, _parse_header_lines(lines)
+        append((name, value.strip(b" \t")))
+    return v11, int(code), reason, headers
+
+
+def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The careful path: obsolete line folding, and the errors Go reports."""
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
         if not line:
             continue
         if line[0] in (32, 9):
@@ -139,10 +167,10 @@ def _parse_head(head: bytes) -> tuple[bool, int, bytes, list[tuple[bytes, bytes]
             headers[-1] = (name, value + b" " + line.strip(b" \t\r"))
             continue
         name, sep, value = line.partition(b":")
-        if not sep or not name or b" " in name or b"\t" in name:
+        if not sep or not name or 32 in name or 9 in name:
             raise _BadResponse(f"malformed MIME header line {line[:64]!r}")
         headers.append((name, value.strip(b" \t\r")))
-    return v11, int(code), reason, headers
+    return headers
 
 
 def _tokens(values: list[bytes]) -> set[bytes]:
@@ -251,13 +279,12 @@ class _Connection(Protocol):
         if status == 101:
             ex._switching(self, reason, raw, buf)
             return
-        headers, cl_values, te_values, conn_values = _filter_headers(raw)
-        tokens = _tokens(conn_values) if conn_values else ()
+        headers, cl_values, te_values, tokens = _filter_headers(raw)
         self.keepalive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens)
         length: int | None = None
         if cl_values:
             first = cl_values[0]
-            if not first.isdigit() or any(v != first for v in cl_values):
+            if not first.isdigit() or (len(cl_values) > 1 and any(v != first for v in cl_values)):
                 ex._protocol_error(self, f"bad Content-Length {first[:32]!r}")
                 return
             length = int(first)
@@ -377,18 +404,36 @@ class _Connection(Protocol):
             self.tunnel._upstream_lost()  # type: ignore[union-attr]
 
 
+# Header name as received -> its code (0: relay). Upstreams repeat the same few names, so
+# this saves a lower() per header; bounded so a hostile upstream cannot grow it for ever.
+_NAME_CODES: dict[bytes, int] = {}
+
+
+def _name_code(name: bytes) -> int:
+    code = _RESPONSE_SPECIAL.get(name.lower(), 0)
+    if len(_NAME_CODES) < 2048:
+        _NAME_CODES[name] = code
+    return code
+
+
 def _filter_headers(
     raw: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], list[bytes], list[bytes], list[bytes]]:
-    """Split framing/hop-by-hop headers off; return (relayed, content-lengths, TEs, connection)."""
+) -> tuple[list[tuple[bytes, bytes]], list[bytes], list[bytes], frozenset[bytes] | set[bytes]]:
+    """Split framing/hop-by-hop headers off.
+
+    Returns (relayed headers, Content-Length values, Transfer-Encoding values, the
+    lower-cased Connection tokens).
+    """
     headers: list[tuple[bytes, bytes]] = []
     cl: list[bytes] = []
     te: list[bytes] = []
     conn: list[bytes] = []
-    special = _RESPONSE_SPECIAL
+    codes = _NAME_CODES
     for h in raw:
-        code = special.get(h[0].lower())
+        code = codes.get(h[0])
         if code is None:
+            code = _name_code(h[0])
+        if not code:
             headers.append(h)
         elif code == _CONTENT_LENGTH:
             if not cl:
@@ -398,12 +443,13 @@ def _filter_headers(
             te.append(h[1])
         elif code == _CONNECTION:
             conn.append(h[1])
-    if conn:
-        named = _tokens(conn)
-        named.discard(b"content-length")
-        if any(h[0].lower() in named for h in headers):
-            headers = [h for h in headers if h[0].lower() not in named]
-    return headers, cl, te, conn
+    if not conn:
+        return headers, cl, te, _NO_TOKENS
+    tokens = _tokens(conn)
+    named = tokens - _NOT_HEADER_TOKENS
+    if named and any(h[0].lower() in named for h in headers):
+        headers = [h for h in headers if h[0].lower() not in named]
+    return headers, cl, te, tokens
 
 
 class _BodyFlow:
@@ -438,6 +484,30 @@ class Exchange:
     It is the push producer of the client-side response (register it with the twisted.web
     ``Request``) and the consumer the request body producer writes into.
     """
+
+    __slots__ = (
+        "done",
+        "response_started",
+        "_pool",
+        "_method",
+        "_head",
+        "_headers",
+        "_body",
+        "_chunked",
+        "_sink",
+        "_timeout",
+        "_conn",
+        "_dialer",
+        "_timer",
+        "_paused",
+        "_finished",
+        "_retried",
+        "_flow",
+        "_body_done",
+        "_body_written",
+        "_pending",
+        "_tunnel",
+    )
 
     def __init__(
         self,
@@ -1029,9 +1099,12 @@ class UpstreamPool:
     ) -> Exchange:
         """Send one request; the response goes to ``sink``. See the module docstring."""
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        framing = _REQUEST_FRAMING
+        framing = _FRAMING_NAMES
         for name, value in headers:
-            if name.lower() in framing:
+            drop = framing.get(name)
+            if drop is None:
+                drop = _is_framing(name)
+            if drop:
                 continue
             parts += (name, b": ", value, b"\r\n")
         chunked = False

@@ -112,14 +112,14 @@ class Target:
     def end_request(self, request: InFlight) -> None:
         self.inflight.discard(request)
         if self._idle_waiters:
-            still = []
+            still, idle = [], []
             for snapshot, d in self._idle_waiters:
                 snapshot.discard(request)
-                if snapshot:
-                    still.append((snapshot, d))
-                else:
-                    d.callback(None)
+                (still if snapshot else idle).append((snapshot, d))
+            # Fire only after the list is updated: a callback may start another drain.
             self._idle_waiters = still
+            for _, d in idle:
+                d.callback(None)
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
         """Let the requests in flight now finish, for at most ``timeout`` seconds (SPEC §13.2)."""
