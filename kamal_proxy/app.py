@@ -1,4 +1,4 @@
-"""Assemble the server: one ``MultiService`` shared by ``kamal-proxy run`` and ``twistd kamal-proxy``.
+"""Assemble the server: one ``MultiService`` for ``kamal-proxy run`` and ``twistd kamal-proxy``.
 
 Start order is the SPEC's (§4.1): restore state, metrics, HTTP and HTTPS listeners, control
 socket, then ``Server started``.  Stop order is the reverse, with a bounded graceful drain.
@@ -12,14 +12,15 @@ import socket
 import sys
 
 from twisted.application import service as appservice
-from twisted.internet import defer, error
+from twisted.internet import defer
+from twisted.internet import error as neterror
 from twisted.internet.protocol import Factory
 
 from kamal_proxy import options as paths
 from kamal_proxy.control.server import ControlProtocol
-from kamal_proxy.observe.events import info, warn
+from kamal_proxy.observe.events import error, info, warn
 from kamal_proxy.options import RunOptions
-from kamal_proxy.routing.router import Router
+from kamal_proxy.routing.router import Router, RouterError
 
 SHUTDOWN_DEADLINE = 10.0
 
@@ -62,7 +63,7 @@ class ControlSocket(appservice.Service):
         old_umask = os.umask(0o177)
         try:
             self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600, wantPID=False)
-        except error.CannotListenError as e:
+        except neterror.CannotListenError as e:
             raise StartupError(f"listen unix {self.path}: bind: {_reason(e)}") from None
         finally:
             os.umask(old_umask)
@@ -107,10 +108,8 @@ class Listener(appservice.Service):
                 self.port = self.reactor.listenTCP(
                     self.requested_port, self.factory, backlog=1024, interface="::"
                 )
-        except error.CannotListenError as e:
-            raise StartupError(
-                f"listen tcp :{self.requested_port}: bind: {_reason(e)}"
-            ) from None
+        except neterror.CannotListenError as e:
+            raise StartupError(f"listen tcp :{self.requested_port}: bind: {_reason(e)}") from None
 
     def stopService(self):
         super().stopService()
@@ -154,6 +153,20 @@ class Announce(appservice.Service):
         info("Server started", http=self.http.bound_port, https=self.https.bound_port)
 
 
+def setup_service(service) -> None:
+    """Per-service extras built at deploy and restore; a failure refuses the deploy."""
+    from kamal_proxy.proxy.pages import ErrorPages, PagesError
+
+    path = service.options.error_page_path
+    if path:
+        try:
+            service.error_pages = ErrorPages.load(path)
+        except PagesError as e:
+            error(
+                "Unable to parse custom error pages", service=service.name, path=path, error=str(e)
+            )
+            raise RouterError("unable to load error pages") from None
+
 
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     if reactor is None:
@@ -163,7 +176,7 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     from kamal_proxy.tls.listener import https_context
 
     state_path = options.state_path or paths.state_path()
-    router = Router(reactor, state_path)
+    router = Router(reactor, state_path, service_setup=setup_service)
     top = appservice.MultiService()
     top.router = router
 
@@ -204,6 +217,7 @@ def run_server(options: RunOptions) -> int:
     except StartupError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+
     def shutdown():
         return top.stopService().addBoth(lambda _: info("Server stopped"))
 
@@ -212,7 +226,7 @@ def run_server(options: RunOptions) -> int:
     return 0
 
 
-def _reason(e: error.CannotListenError) -> str:
+def _reason(e: neterror.CannotListenError) -> str:
     err = e.socketError
     code = getattr(err, "errno", None) or (err.args[0] if getattr(err, "args", None) else None)
     if isinstance(code, int):

@@ -64,7 +64,10 @@ def temp_dir(environ: Mapping[str, str] | None = None) -> str:
 
 
 def socket_path(environ: Mapping[str, str] | None = None) -> str:
-    """The control socket: ``KAMAL_PROXY_SOCKET`` verbatim, else ``<runtime dir>/kamal-proxy.sock``."""
+    """The control socket: ``$KAMAL_PROXY_SOCKET``, else ``<runtime dir>/kamal-proxy.sock``.
+
+    Read anew on every call, as client and server both resolve it when they need it.
+    """
     env = os.environ if environ is None else environ
     explicit = env.get("KAMAL_PROXY_SOCKET")
     if explicit:

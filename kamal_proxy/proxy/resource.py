@@ -17,15 +17,22 @@ from urllib.parse import quote, unquote
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+from twisted.web.http import datetimeToString
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from kamal_proxy.observe.events import debug, info, warn
 from kamal_proxy.observe.events import error as log_error
-from kamal_proxy.observe.events import info, warn
 from kamal_proxy.observe.log import log_request
 from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
 from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
 from kamal_proxy.routing.pause import PauseState, Released
+from kamal_proxy.routing.rollout import (
+    ROLLOUT_COOKIE,
+    WRITER_COOKIE,
+    in_rollout_group,
+    request_cookie,
+)
 from kamal_proxy.routing.table import host_without_port
 
 HOP_BY_HOP = frozenset(
@@ -41,7 +48,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
+)
 DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-length"}
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 
@@ -131,6 +140,7 @@ class ProxyExchange:
         "request_id",
         "remote_addr",
         "log_extra",
+        "affinity_ms",
     )
 
     def __init__(self, res: RoutingResource, request: server.Request) -> None:
@@ -146,6 +156,7 @@ class ProxyExchange:
         self.finished = False
         self.response_bytes = 0
         self.log_extra: dict[str, str] | None = None
+        self.affinity_ms = 0
 
     # -- P2..P16: the pipeline ----------------------------------------------
 
@@ -217,7 +228,9 @@ class ProxyExchange:
         elif how is Released.STOPPED:
             self.fail(503, self.service.pause.stop_message)
         else:
-            warn("Rejecting request due to expired pause", service=self.service.name, path=self.path)
+            warn(
+                "Rejecting request due to expired pause", service=self.service.name, path=self.path
+            )
             self.fail(504)
 
     def _empty(self, status: int) -> None:
@@ -233,10 +246,23 @@ class ProxyExchange:
         headers = request.requestHeaders
         service = self.service
         lb = service.active
+        cookies = headers.getRawHeaders(b"cookie")
+        if service.rollout_split is not None and service.rollout is not None:
+            if in_rollout_group(request_cookie(cookies, ROLLOUT_COOKIE), service.rollout_split):
+                debug("Using rollout for request", service=service.name, path=self.path)
+                lb = service.rollout
+        if lb is None:
+            self.fail(503)
+            return
         is_read = request.method in READ_METHODS and (
-            lb is None or lb.read_targets_accept_websockets or not _is_websocket(headers)
+            lb.read_targets_accept_websockets or not _is_websocket(headers)
         )
-        target = lb.choose(is_read) if lb is not None else None
+        if lb.readers and lb.writer_affinity_timeout > 0:
+            if not is_read:
+                self.affinity_ms = lb.writer_affinity_timeout // 1_000_000
+            elif _valid_writer_cookie(request_cookie(cookies, WRITER_COOKIE)):
+                is_read = False
+        target = lb.choose(is_read)
         if target is None or target.draining:
             self.fail(503)
             return
@@ -384,10 +410,25 @@ class ProxyExchange:
             rh.removeHeader(name)
         for k, v in headers:
             rh.addRawHeader(k, v)
+        if self.affinity_ms:
+            self._writer_affinity(rh)
         if status == 101:
             return
         if self.upstream is not None:
             request.registerProducer(self.upstream, True)
+
+    def _writer_affinity(self, rh) -> None:
+        """SPEC §8.3: after a write, reads stick to the writer for a while."""
+        opt_out = rh.getRawHeaders(b"x-writer-affinity")
+        rh.removeHeader(b"x-writer-affinity")
+        if opt_out and opt_out[0] == b"false":
+            return
+        expires_ms = time.time_ns() // 1_000_000 + self.affinity_ms
+        rh.addRawHeader(
+            b"set-cookie",
+            b"kamal-writer=%d; Path=/; Expires=%s; HttpOnly"
+            % (expires_ms, datetimeToString(expires_ms // 1000 + 1)),
+        )
 
     def response_data(self, data: bytes) -> None:
         if self.finished:
@@ -402,7 +443,9 @@ class ProxyExchange:
         self.status = 101
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         lines += [
-            b"%s: %s\r\n" % (k, v) for k, vs in request.responseHeaders.getAllRawHeaders() for v in vs
+            b"%s: %s\r\n" % (k, v)
+            for k, vs in request.responseHeaders.getAllRawHeaders()
+            for v in vs
         ]
         lines.append(b"\r\n")
         transport = request.channel.transport
@@ -573,14 +616,22 @@ class ProxyExchange:
         log_request(fields)
 
 
-_URL_ESCAPES = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;"}
-)
+_URL_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;"})
 
 
 def _escape_url(url: str) -> str:
     """Go's ``http.Redirect`` escaping of the link in its body."""
     return url.translate(_URL_ESCAPES)
+
+
+def _valid_writer_cookie(value: bytes | None) -> bool:
+    if not value:
+        return False
+    try:
+        expires = int(value)
+    except ValueError:
+        return False
+    return -(1 << 63) <= expires < (1 << 63) and time.time_ns() // 1_000_000 < expires
 
 
 def _first(headers, name: bytes) -> str:

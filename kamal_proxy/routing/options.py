@@ -1,4 +1,4 @@
-"""Service and target options: the one model shared by the CLI, the control plane and the state file.
+"""Service and target options: one model for the CLI, the control plane and the state file.
 
 Field names and JSON layout follow the Go original's state file (SPEC §15.2) so that a state
 file written by either program restores in the other.  Durations are integer nanoseconds.

@@ -23,6 +23,7 @@ from kamal_proxy.routing.options import (
     TargetOptions,
     validate_service_options,
 )
+from kamal_proxy.routing.rollout import split_point
 from kamal_proxy.routing.service import PauseState, Service
 from kamal_proxy.routing.table import RoutingTable
 from kamal_proxy.routing.target import Target
@@ -32,10 +33,6 @@ CONFLICT_MESSAGE = "host is used by another service"
 
 class RouterError(Exception):
     """A command failed; ``str()`` is what the CLI prints after ``Error: ``."""
-
-
-def rollout_split_point(percentage: int) -> float:
-    return 4294967295.0 * (percentage / 100.0)
 
 
 class Router:
@@ -94,9 +91,7 @@ class Router:
         )
 
     def _rebuild_table(self) -> None:
-        self.table = RoutingTable.build(
-            list(self.services.values()), self.table.default_tls_host
-        )
+        self.table = RoutingTable.build(list(self.services.values()), self.table.default_tls_host)
 
     # -- commands ---------------------------------------------------------
 
@@ -232,6 +227,48 @@ class Router:
             service = self.get(name)
             service.pause.resume()
             info("Service resumed", service=name)
+        finally:
+            self.save()
+
+    async def rollout_deploy(
+        self,
+        name: str,
+        targets: list[str],
+        readers: list[str],
+        deploy_timeout: int,
+        drain_timeout: int,
+    ) -> None:
+        service = self.get(name)
+        info("Deploying for rollout", service=name, targets=list(targets))
+        lb = self._balancer(targets, readers, service.options, service.target_options)
+        lb.start()
+        await self._wait_healthy(lb, deploy_timeout)
+        service = self.get(name)
+        previous, service.rollout = service.rollout, lb
+        self.save()
+        if previous is not None:
+            await self._drain_and_retire(previous, drain_timeout)
+        info("Deployed for rollout", service=name, targets=list(targets))
+
+    def rollout_set(self, name: str, percentage: int, allowlist: list[str]) -> None:
+        try:
+            service = self.get(name)
+            if service.rollout is None:
+                raise RouterError("rollout target not set")
+            service.rollout_split = {
+                "percentage": percentage,
+                "percentage_split_point": split_point(percentage),
+                "allowlist": list(allowlist),
+            }
+            info("Set rollout split", service=name, percentage=percentage, allowlist=allowlist)
+        finally:
+            self.save()
+
+    def rollout_stop(self, name: str) -> None:
+        try:
+            service = self.get(name)
+            service.rollout_split = None
+            info("Stopped rollout", service=name)
         finally:
             self.save()
 

@@ -1,4 +1,4 @@
-"""One upstream address: its health state, its in-flight requests, its connection pool, its drain."""
+"""One upstream address: its health state, its requests in flight, its pool, its drain."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class Target:
-    """An upstream ``host[:port]``.  New objects are made for every deploy, even of the same address,
+    """An upstream ``host[:port]``.  Every deploy makes new objects, even for the same address,
     so the old object can drain while the new one is health checked."""
 
     def __init__(

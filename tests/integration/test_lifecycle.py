@@ -132,7 +132,10 @@ class ShutdownTests(IntegrationTestCase):
         result = {}
 
         def slow():
-            result["resp"] = proxy.request("GET", "/slow?ms=1000", timeout=10)
+            try:
+                result["resp"] = proxy.request("GET", "/slow?ms=1000", timeout=10)
+            except Exception as e:  # noqa: BLE001 - reported below
+                result["resp"] = e
 
         thread = threading.Thread(target=slow)
         thread.start()
@@ -140,7 +143,9 @@ class ShutdownTests(IntegrationTestCase):
         code = proxy.stop(signal.SIGTERM, timeout=12)
         thread.join(10)
         self.assertEqual(code, 0)
-        self.assertEqual((result["resp"].status, result["resp"].text), (200, "first"))
+        resp = result.get("resp")
+        self.assertFalse(isinstance(resp, Exception), f"in-flight request failed: {resp!r}")
+        self.assertEqual((resp.status, resp.text), (200, "first"))
 
 
 class ControlSocketTests(IntegrationTestCase):
