@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from io import BytesIO
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error, reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
@@ -928,12 +930,26 @@ class FakeClockTests(unittest.TestCase):
         self.assertEqual(sink.headers, [(b"X-A", b"1 continued")])
         self.assertEqual(self.pool.idle_count, 1)
 
-    def test_bare_lf_head(self):
-        ex, sink = self.forward()
-        conn, _ = self.connect()
-        conn.dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok")
-        self.successResultOf(ex.done)
-        self.assertEqual(sink.body, b"ok")
+    def test_bare_lf_and_mixed_heads(self):
+        for response, headers, body in (
+            (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", [(b"Content-Length", b"2")], b"ok"),
+            (
+                b"HTTP/1.1 200 OK\nContent-Length: 6\n\nab\r\n\r\n",
+                [(b"Content-Length", b"6")],
+                b"ab\r\n\r\n",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\nok",
+                [(b"X-A", b"1"), (b"Content-Length", b"2")],
+                b"ok",
+            ),
+        ):
+            self.pool = UpstreamPool(self.reactor, "10.0.0.1", 3000)
+            ex, sink = self.forward()
+            conn, _ = self.connect()
+            conn.dataReceived(response)
+            self.successResultOf(ex.done)
+            self.assertEqual((sink.headers, sink.body), (headers, body))
 
     def test_bad_responses_are_502(self):
         for response, message in (
@@ -982,3 +998,42 @@ class FakeClockTests(unittest.TestCase):
         conn.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(client.disconnecting)
         self.successResultOf(sink.tunnel.done)
+
+
+class ParserProperties(unittest.TestCase):
+    """However the bytes are split, the same response comes out and the connection is reused."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        body=st.binary(max_size=300),
+        chunk_sizes=st.lists(st.integers(1, 50), max_size=10),
+        cuts=st.lists(st.integers(0, 600), max_size=8),
+        chunked=st.booleans(),
+    )
+    def test_any_split(self, body, chunk_sizes, cuts, chunked):
+        if chunked:
+            encoded, rest, sizes = b"", body, chunk_sizes or [len(body) or 1]
+            while rest:
+                size = sizes[len(encoded) % len(sizes)]
+                encoded += b"%x;x=y\r\n%s\r\n" % (size if size <= len(rest) else len(rest),
+                                                  rest[:size])
+                rest = rest[size:]
+            wire = (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + encoded
+                + b"0\r\nX-T: 1\r\n\r\n"
+            )
+        else:
+            wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        clock = MemoryReactorClock()
+        pool = UpstreamPool(clock, "10.0.0.1", 3000)
+        sink = Sink()
+        ex = pool.forward(b"GET", b"/", [(b"Host", b"h")], None, sink, timeout=None)
+        conn = clock.tcpClients[0][2].buildProtocol(None)
+        conn.makeConnection(StringTransport())
+        points = sorted({c for c in cuts if 0 < c < len(wire)})
+        for a, b in zip([0] + points, points + [len(wire)], strict=True):
+            conn.dataReceived(wire[a:b])
+        self.successResultOf(ex.done)
+        self.assertEqual(sink.body, body)
+        self.assertEqual(pool.idle_count, 1)

@@ -53,6 +53,7 @@ FORWARDING = frozenset(
 )
 DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-length"}
 READ_METHODS = frozenset({b"GET", b"HEAD"})
+ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 
 class ConnectionTracker:
@@ -198,6 +199,15 @@ class ProxyExchange:
                 headers.setRawHeaders(b"x-forwarded-for", [value[0]])
                 self.remote_addr = value[0].decode("latin-1")
 
+        # P9 ACME HTTP-01 challenges, answered before any redirect or pause
+        certificates = service.certificates
+        if certificates is not None and self.path.startswith(ACME_CHALLENGE_PREFIX):
+            answer = certificates.http01_response(self.host, self.path)
+            if answer is not None:
+                self.service = None  # logged with service "" (SPEC §17.2)
+                self._answer(*answer)
+                return
+
         # P12 TLS mismatch, P13 redirects
         options = service.options
         if res.secure and not options.tls_enabled:
@@ -232,6 +242,17 @@ class ProxyExchange:
                 "Rejecting request due to expired pause", service=self.service.name, path=self.path
             )
             self.fail(504)
+
+    def _answer(self, status: int, content_type: bytes, body: bytes) -> None:
+        request = self.request
+        request.setResponseCode(status)
+        request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.status = status
+        if body:
+            request.write(body)
+            self.response_bytes = len(body)
+        self._finish()
 
     def _empty(self, status: int) -> None:
         request = self.request

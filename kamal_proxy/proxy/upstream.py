@@ -102,6 +102,7 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 # Go sends `Content-Length: 0` for these methods when there is no body.
 _ZERO_LENGTH_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 _MAX_HEAD = 1 << 20
 _MAX_LINE = 4096
 
@@ -124,13 +125,10 @@ class _BadResponse(Exception):
     pass
 
 
-def _parse_head(head: bytes) -> tuple[bool, int, bytes, list[tuple[bytes, bytes]]]:
-    """Parse a status line and header block (without the final empty line).
+_Head = tuple[bool, int, bytes, list[tuple[bytes, bytes]]]
 
-    Returns (is_http_1_1, status, reason, headers). Accepts bare-LF line ends like Go.
-    """
-    lines = head.split(b"\r\n") if b"\r\n" in head else head.split(b"\n")
-    line = lines[0]
+
+def _parse_status(line: bytes) -> tuple[bool, int, bytes]:
     version = line[:9]
     if version == b"HTTP/1.1 ":
         v11 = True
@@ -141,7 +139,19 @@ def _parse_head(head: bytes) -> tuple[bool, int, bytes, list[tuple[bytes, bytes]
     code = line[9:12]
     if not code.isdigit() or code[0] == 48 or line[12:13] not in (b" ", b""):
         raise _BadResponse(f"malformed HTTP status code {line[9:25]!r}")
-    reason = line[13:]
+    return v11, int(code), line[13:]
+
+
+def _parse_head(head: bytes) -> _Head | None:
+    """Parse a CRLF status line and header block (without the final empty line).
+
+    Returns (is_http_1_1, status, reason, headers), or None when the block also has bare
+    LF line ends (then the caller takes the tolerant path, as Go accepts those).
+    """
+    lines = head.split(b"\r\n")
+    if len(lines) != head.count(b"\n") + 1:
+        return None
+    v11, status, reason = _parse_status(lines[0])
     del lines[0]
     headers: list[tuple[bytes, bytes]] = []
     append = headers.append
@@ -149,9 +159,16 @@ def _parse_head(head: bytes) -> tuple[bool, int, bytes, list[tuple[bytes, bytes]
         name, sep, value = line.partition(b":")
         # `32 in name` (an int) is several times faster than `b" " in name`.
         if not sep or 32 in name or 9 in name or not name:
-            return v11, int(code), reason, _parse_header_lines(lines)
+            return v11, status, reason, _parse_header_lines(lines)
         append((name, value.strip(b" \t")))
-    return v11, int(code), reason, headers
+    return v11, status, reason, headers
+
+
+def _parse_head_tolerant(head: bytes) -> _Head:
+    """The same for a block with LF or mixed line ends."""
+    lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
+    v11, status, reason = _parse_status(lines[0])
+    return v11, status, reason, _parse_header_lines(lines[1:])
 
 
 def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -248,24 +265,27 @@ class _Connection(Protocol):
         assert ex is not None
         while True:
             end = buf.find(b"\r\n\r\n")
-            skip = 4
-            if end < 0:
-                end = buf.find(b"\n\n")
-                skip = 2
-                if end < 0:
-                    self.buf = buf
-                    if not b"HTTP/".startswith(buf[:5]):
-                        ex._protocol_error(self, f"malformed HTTP response {buf[:64]!r}")
-                    elif len(buf) > _MAX_HEAD:
-                        ex._protocol_error(self, "server response headers exceeded 1048576 bytes")
-                    return
             try:
-                v11, status, reason, raw = _parse_head(buf[:end])
+                head = _parse_head(buf[:end]) if end >= 0 else None
+                if head is not None:
+                    end += 4
+                else:
+                    blank = _BLANK_LINE.search(buf)
+                    if blank is None:
+                        self.buf = buf
+                        if not b"HTTP/".startswith(buf[:5]):
+                            raise _BadResponse(f"malformed HTTP response {buf[:64]!r}")
+                        if len(buf) > _MAX_HEAD:
+                            raise _BadResponse("server response headers exceeded 1048576 bytes")
+                        return
+                    head = _parse_head_tolerant(buf[: blank.start()])
+                    end = blank.end()
             except _BadResponse as e:
                 self.buf = b""
                 ex._protocol_error(self, str(e))
                 return
-            buf = buf[end + skip :]
+            v11, status, reason, raw = head
+            buf = buf[end:]
             if status < 200 and status != 101:
                 ex._informational(status, _filter_headers(raw)[0])
                 if self.exchange is not ex:
