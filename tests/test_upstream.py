@@ -1015,8 +1015,7 @@ class ParserProperties(unittest.TestCase):
             encoded, rest, sizes = b"", body, chunk_sizes or [len(body) or 1]
             while rest:
                 size = sizes[len(encoded) % len(sizes)]
-                encoded += b"%x;x=y\r\n%s\r\n" % (size if size <= len(rest) else len(rest),
-                                                  rest[:size])
+                encoded += b"%x;x=y\r\n%s\r\n" % (min(size, len(rest)), rest[:size])
                 rest = rest[size:]
             wire = (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -36,6 +36,7 @@ __all__ = [
     "CliResult",
     "HttpClient",
     "IntegrationTestCase",
+    "amp_call",
     "ProxyProcess",
     "Response",
     "UpstreamProcess",
@@ -880,6 +881,36 @@ class _SocketReader:
         return data
 
 
+def amp_call(path: str, command: bytes, timeout: float = 30.0, **arguments: bytes) -> dict:
+    """One synchronous AMP request over the control socket; the answer (or error) box.
+
+    Used for cleanup only, where the CLI's start-up time would be pure overhead; everything
+    under test goes through the real CLI.
+    """
+
+    def encode(box: dict[bytes, bytes]) -> bytes:
+        out = bytearray()
+        for key, value in box.items():
+            out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+        return bytes(out + b"\x00\x00")
+
+    box = {b"_command": command, b"_ask": b"1"}
+    box.update({k.encode(): v for k, v in arguments.items()})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(encode(box))
+        reader = _SocketReader(s, b"")
+        answer: dict[bytes, bytes] = {}
+        while True:
+            size = int.from_bytes(reader.read(2), "big")
+            if size == 0:
+                return answer
+            key = reader.read(size)
+            value = reader.read(int.from_bytes(reader.read(2), "big"))
+            answer[key] = value
+
+
 # -- test case base -------------------------------------------------------------------------
 
 _SHARED: dict[str, ProxyProcess] = {}
@@ -931,6 +962,15 @@ class IntegrationTestCase(unittest.TestCase):
     proxy_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
+        timings = os.environ.get("KAMAL_PROXY_IT_TIMINGS")
+        if timings:
+            started = time.monotonic()
+
+            def record() -> None:
+                with open(timings, "a") as f:
+                    f.write(f"{time.monotonic() - started:7.2f} {self.id()}\n")
+
+            self.addCleanup(record)
         if self.shared:
             self.proxy = shared_proxy(type(self).__qualname__, extra_args=self.proxy_args)
             self.proxy.log_mark()
@@ -955,12 +995,20 @@ class IntegrationTestCase(unittest.TestCase):
         while items and not items[0].startswith("-"):
             args += ["--target", items.pop(0)]
         proxy.cli_ok(*args, *items)
-        self.addCleanup(self._quiet_remove, proxy, service)
+        self.remove_later(service, proxy)
+
+    def remove_later(self, service: str, proxy: ProxyProcess | None = None) -> None:
+        """Remove ``service`` at cleanup (whether or not it exists by then)."""
+        self.addCleanup(self._quiet_remove, proxy or self.proxy, service)
 
     @staticmethod
     def _quiet_remove(proxy: ProxyProcess, service: str) -> None:
+        """Cleanup only: a direct AMP ``Remove`` (no CLI start-up cost); errors ignored."""
         if proxy.alive():
-            proxy.cli("remove", service, timeout=30)
+            try:
+                amp_call(proxy.socket_path, b"Remove", service=service.encode())
+            except OSError:
+                pass
 
     def get(self, host: str, path: str = "/", proxy: ProxyProcess | None = None, **kw) -> Response:
         return (proxy or self.proxy).request("GET", path, host=host, **kw)

@@ -183,7 +183,12 @@ class Handler(BaseHTTPRequestHandler):
             STATE.counts[path] = STATE.counts.get(path, 0) + 1
             if len(STATE.requests) < 2000:
                 STATE.requests.append(
-                    {"method": self.command, "target": target, "headers": self.header_pairs()}
+                    {
+                        "method": self.command,
+                        "target": target,
+                        "headers": self.header_pairs(),
+                        "time": time.time(),
+                    }
                 )
 
         if segment == "ws" and "websocket" in (self.headers.get("Upgrade") or "").lower():
@@ -218,7 +223,12 @@ class Handler(BaseHTTPRequestHandler):
             STATE.health_checks += 1
             STATE.counts[path] = STATE.counts.get(path, 0) + 1
             STATE.health_requests.append(
-                {"method": self.command, "target": self.path, "headers": self.header_pairs()}
+                {
+                    "method": self.command,
+                    "target": self.path,
+                    "headers": self.header_pairs(),
+                    "time": time.time(),
+                }
             )
             del STATE.health_requests[:-50]
             delay = STATE.health_delay

@@ -1,0 +1,242 @@
+"""Prometheus request metrics and the metrics listener (SPEC §18).
+
+Recording happens once per request on the hot path, so the series are plain Python objects
+updated in the reactor thread (no locks, no per-request label validation) and handed to
+prometheus_client as a custom collector only when scraped.  The counter and the histogram
+share one series object: both are updated together with the same labels, so the counter's
+value is the histogram's count.  The registry is our own, not prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from twisted.application import service as appservice
+from twisted.internet import defer
+from twisted.internet import error as neterror
+from twisted.web import resource, server
+
+from kamal_proxy.observe.events import info
+
+__all__ = [
+    "BUCKETS",
+    "InFlight",
+    "Metrics",
+    "MetricsService",
+    "metrics_site",
+    "method_label",
+]
+
+REQUESTS = "kamal_proxy_http_requests_total"
+DURATION = "kamal_proxy_http_request_duration_seconds"
+IN_FLIGHT = "kamal_proxy_http_in_flight_requests"
+REQUESTS_HELP = "HTTP requests processed, labeled by service, status code and method."
+DURATION_HELP = "Duration of HTTP requests, labeled by service, status code and method."
+IN_FLIGHT_HELP = "Number of in-flight HTTP requests, labeled by service."
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BUCKET_LABELS = tuple("%g" % b for b in BUCKETS) + ("+Inf",)  # Go's spelling: "1", not "1.0"
+
+_KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE")
+_METHODS: dict[Any, str] = {m: m for m in _KNOWN_METHODS}
+_METHODS.update({m.encode("ascii"): m for m in _KNOWN_METHODS})
+
+
+def method_label(method: bytes | str) -> str:
+    """The ``method`` label: a standard method, exactly (case-sensitive), else ``OTHER``."""
+    return _METHODS.get(method, "OTHER")
+
+
+class _Requests:
+    """One (service, method, status) series of the counter and the histogram."""
+
+    __slots__ = ("labels", "buckets", "count", "sum")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket (not cumulative); last is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+
+class InFlight:
+    """One service's in-flight gauge; the hot path calls ``inc()``/``dec()`` on it."""
+
+    __slots__ = ("service", "value")
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+class Metrics:
+    """The three request metrics of SPEC §18, with series created on first use."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, Any, int], _Requests] = {}
+        self._inflight: dict[str, InFlight] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    def observe(self, service: str, method: bytes | str, status: int, duration_s: float) -> None:
+        """Count one finished request and its duration (at the time it is logged)."""
+        key = (service, method, status)
+        series = self._requests.get(key)
+        if series is None:
+            series = self._new_series(key)
+        series.count += 1
+        series.sum += duration_s
+        series.buckets[bisect_left(BUCKETS, duration_s)] += 1
+
+    def _new_series(self, key: tuple[str, Any, int]) -> _Requests:
+        service, method, status = key
+        labels = (service, method_label(method), str(status))
+        # Different raw methods (b"PURGE", "PURGE", b"get") share their OTHER series.
+        canonical = (service, labels[1], status)
+        series = self._requests.get(canonical)
+        if series is None:
+            series = _Requests(labels)
+            self._requests[canonical] = series
+        if len(self._requests) < 100_000:  # raw custom methods must not grow this for ever
+            self._requests[key] = series
+        return series
+
+    def inflight(self, service: str) -> InFlight:
+        """The gauge series of ``service`` (created, at 0, on first call); cache it."""
+        gauge = self._inflight.get(service)
+        if gauge is None:
+            gauge = self._inflight[service] = InFlight(service)
+        return gauge
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape body and its content type, negotiated as prometheus_client does."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def collect(self) -> Iterator[Metric]:
+        series = list({id(s): s for s in self._requests.values()}.values())
+        if series:
+            counter = CounterMetricFamily(
+                REQUESTS, REQUESTS_HELP, labels=("service", "method", "status")
+            )
+            histogram = HistogramMetricFamily(
+                DURATION, DURATION_HELP, labels=("service", "method", "status")
+            )
+            for s in series:
+                counter.add_metric(s.labels, s.count)
+                cumulative = []
+                total = 0
+                for le, n in zip(_BUCKET_LABELS, s.buckets):
+                    total += n
+                    cumulative.append((le, total))
+                histogram.add_metric(s.labels, cumulative, s.sum)
+            yield counter
+            yield histogram
+        if self._inflight:
+            gauge = GaugeMetricFamily(IN_FLIGHT, IN_FLIGHT_HELP, labels=("service",))
+            for g in self._inflight.values():
+                gauge.add_metric((g.service,), g.value)
+            yield gauge
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self.metrics.collect()
+
+
+class MetricsResource(resource.Resource):
+    """Serves the exposition on every path (as the Go original's handler does)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return self
+
+    def render(self, request: server.Request) -> bytes:
+        accept = request.getHeader(b"accept") or ""
+        body, content_type = self.metrics.exposition(accept)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        if gzip_accepted(request.getHeader(b"accept-encoding") or ""):
+            body = gzip.compress(body)
+            request.setHeader(b"content-encoding", b"gzip")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+
+def metrics_site(metrics: Metrics) -> server.Site:
+    site = server.Site(MetricsResource(metrics))
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+class MetricsService(appservice.Service):
+    """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18)."""
+
+    def __init__(self, reactor: Any, port: int, metrics: Metrics) -> None:
+        self.reactor = reactor
+        self.requested_port = port
+        self.metrics = metrics
+        self.port: Any = None
+
+    @property
+    def bound_port(self) -> int:
+        return self.port.getHost().port
+
+    def startService(self) -> None:
+        try:
+            self.port = self.reactor.listenTCP(
+                self.requested_port, metrics_site(self.metrics), interface="::"
+            )
+        except neterror.CannotListenError as e:
+            from kamal_proxy.app import StartupError
+
+            raise StartupError(
+                f"listen tcp :{self.requested_port}: bind: {_bind_reason(e)}"
+            ) from None
+        super().startService()
+        info("Metrics enabled", address=f":{self.requested_port}")
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return defer.maybeDeferred(port.stopListening)
+
+
+def _bind_reason(e: neterror.CannotListenError) -> str:
+    err = e.socketError
+    code = getattr(err, "errno", None)
+    if not isinstance(code, int) and getattr(err, "args", None):
+        code = err.args[0]
+    if code == errno.EADDRINUSE:
+        return "address already in use"
+    if isinstance(code, int):
+        return os.strerror(code).lower()
+    return str(err)
