@@ -18,7 +18,6 @@ setup(
         "kamal_proxy.observe",
         "twisted.plugins",
     ],
-    package_data={"kamal_proxy.proxy": ["pages/*.html"], "twisted": ["plugins/kamal_proxy_plugin.py"]},
     install_requires=[
         "twisted[tls,http2]>=26.4",
         "pyopenssl",

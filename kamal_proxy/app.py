@@ -15,6 +15,7 @@ from twisted.application import service as appservice
 from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 
 from kamal_proxy import options as paths
 from kamal_proxy.control.server import ControlProtocol
@@ -23,6 +24,7 @@ from kamal_proxy.options import RunOptions
 from kamal_proxy.routing.router import Router, RouterError
 
 SHUTDOWN_DEADLINE = 10.0
+FLUSH_GRACE = 0.1
 
 
 class StartupError(Exception):
@@ -141,6 +143,9 @@ class GracefulShutdown(appservice.Service):
         finally:
             if timer.active():
                 timer.cancel()
+        # The reactor drops connections without flushing them once shutdown proceeds:
+        # give the last responses a moment to leave the socket buffers.
+        await deferLater(self.reactor, FLUSH_GRACE, lambda: None)
 
 
 class Announce(appservice.Service):

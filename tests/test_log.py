@@ -127,6 +127,13 @@ class RequestLineTests(unittest.TestCase):
         )
         self.assertEqual(stream.getvalue().count('"resp_content_type":"text/html"'), 2)
 
+    def test_custom_keys_in_fields_follow_builtins(self) -> None:
+        stream = io.StringIO()
+        JsonLog(stream).request({"req_x_a": "1,2", "host": "h", "resp_cache_control": ""})
+        record = json.loads(stream.getvalue())
+        self.assertEqual(list(record)[-2:], ["req_x_a", "resp_cache_control"])
+        self.assertEqual(record["host"], "h")
+
     def test_log_request_uses_active_writer(self) -> None:
         stream = io.StringIO()
         log.set_active(JsonLog(stream))

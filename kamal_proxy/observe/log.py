@@ -72,6 +72,8 @@ REQUEST_KEYS = (
     "query",
 )
 
+_REQUEST_KEY_SET = frozenset(REQUEST_KEYS)
+
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
@@ -198,6 +200,10 @@ class JsonLog:
         record = {"time": format_time(self.clock()), "level": "INFO", "msg": "Request"}
         for key in REQUEST_KEYS:
             record[key] = get(key, "")
+        if not _REQUEST_KEY_SET.issuperset(fields):
+            for key, value in fields.items():
+                if key not in _REQUEST_KEY_SET:
+                    record[key] = value
         text = _dumps(record)
         if extra:
             tail = "".join(
@@ -289,8 +295,10 @@ def error(msg: str, **attrs: Any) -> None:
 def log_request(fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:
     """Write the request log line (SPEC §17.2); a no-op before ``start_logging``.
 
-    ``fields`` holds the built-in keys (missing ones log ``""``); ``extra`` the configured
-    ``req_*``/``resp_*`` header keys in order (a key may repeat a built-in one, as in Go).
+    ``fields`` holds the built-in keys (missing ones log ``""``) and may hold more keys (the
+    ``req_*``/``resp_*`` header keys), written after the built-in ones in insertion order;
+    ``extra`` lists further (key, value) pairs written last, which may repeat a built-in key
+    (Go writes ``--log-response-header content-type`` twice).
     """
     log = _active
     if log is not None:

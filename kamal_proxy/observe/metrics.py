@@ -47,7 +47,8 @@ REQUESTS_HELP = "HTTP requests processed, labeled by service, status code and me
 DURATION_HELP = "Duration of HTTP requests, labeled by service, status code and method."
 IN_FLIGHT_HELP = "Number of in-flight HTTP requests, labeled by service."
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BUCKET_LABELS = tuple("%g" % b for b in BUCKETS) + ("+Inf",)  # Go's spelling: "1", not "1.0"
+# Go spells the bounds "1", "10" (not "1.0").
+_BUCKET_LABELS = tuple(f"{b:g}" for b in BUCKETS) + ("+Inf",)
 
 _KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE")
 _METHODS: dict[Any, str] = {m: m for m in _KNOWN_METHODS}
@@ -144,7 +145,7 @@ class Metrics:
                 counter.add_metric(s.labels, s.count)
                 cumulative = []
                 total = 0
-                for le, n in zip(_BUCKET_LABELS, s.buckets):
+                for le, n in zip(_BUCKET_LABELS, s.buckets, strict=True):
                     total += n
                     cumulative.append((le, total))
                 histogram.add_metric(s.labels, cumulative, s.sum)
@@ -178,10 +179,10 @@ class MetricsResource(resource.Resource):
         return self
 
     def render(self, request: server.Request) -> bytes:
-        accept = request.getHeader(b"accept") or ""
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
         body, content_type = self.metrics.exposition(accept)
         request.setHeader(b"content-type", content_type.encode("ascii"))
-        if gzip_accepted(request.getHeader(b"accept-encoding") or ""):
+        if gzip_accepted((request.getHeader(b"accept-encoding") or b"").decode("latin-1")):
             body = gzip.compress(body)
             request.setHeader(b"content-encoding", b"gzip")
         request.setHeader(b"content-length", b"%d" % len(body))
@@ -198,9 +199,10 @@ def metrics_site(metrics: Metrics) -> server.Site:
 class MetricsService(appservice.Service):
     """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18)."""
 
-    def __init__(self, reactor: Any, port: int, metrics: Metrics) -> None:
+    def __init__(self, reactor: Any, port: int, metrics: Metrics, *, interface: str = "::") -> None:
         self.reactor = reactor
         self.requested_port = port
+        self.interface = interface
         self.metrics = metrics
         self.port: Any = None
 
@@ -211,7 +213,7 @@ class MetricsService(appservice.Service):
     def startService(self) -> None:
         try:
             self.port = self.reactor.listenTCP(
-                self.requested_port, metrics_site(self.metrics), interface="::"
+                self.requested_port, metrics_site(self.metrics), interface=self.interface
             )
         except neterror.CannotListenError as e:
             from kamal_proxy.app import StartupError

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from kamal_proxy.observe.events import debug, info, warn
@@ -409,14 +410,11 @@ class ProxyExchange:
     # -- ResponseSink ---------------------------------------------------------
 
     def informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        request = self.request
-        transport = getattr(request.channel, "transport", None)
-        if request.clientproto != b"HTTP/1.1" or transport is None or self.finished:
-            return
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
-        lines.append(b"\r\n")
-        transport.writeSequence(lines)
+        if not self.finished:
+            h = Headers()
+            for k, v in headers:
+                h.addRawHeader(k, v)
+            self.request.write_informational(status, h)
 
     def response_started(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None
@@ -592,13 +590,10 @@ class ProxyExchange:
         request = self.request
         h = request.requestHeaders
         client_addr, client_port = _peer(request)
-        cl = h.getRawHeaders(b"content-length")
-        if cl:
-            req_len = int(cl[0]) if cl[0].isdigit() else -1
-        elif h.getRawHeaders(b"transfer-encoding"):
+        body = getattr(request, "body_producer", None)
+        req_len = 0 if body is None else body.length
+        if req_len is UNKNOWN_LENGTH:
             req_len = -1
-        else:
-            req_len = 0
         uri = request.uri
         q = uri.find(b"?")
         service = self.service
@@ -621,7 +616,7 @@ class ProxyExchange:
             "client_port": client_port,
             "remote_addr": self.remote_addr or client_addr,
             "user_agent": _first(h, b"user-agent"),
-            "proto": request.clientproto.decode("latin-1").replace("HTTP/2", "HTTP/2.0"),
+            "proto": request.clientproto.decode("latin-1"),
             "scheme": self.res.scheme,
             "query": uri[q + 1 :].decode("latin-1") if q >= 0 else "",
         }
@@ -673,9 +668,3 @@ def _peer(request) -> tuple[str, str]:
 def _client_ip(request) -> bytes | None:
     host = _peer(request)[0]
     return host.encode("ascii") if host else None
-
-
-def _reason(status: int) -> bytes:
-    from twisted.web.http import RESPONSES
-
-    return RESPONSES.get(status, b"")

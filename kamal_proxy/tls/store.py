@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cryptography import x509
@@ -44,12 +44,16 @@ def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
     return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class KeyAndChain:
-    """A private key and its certificate chain, leaf first."""
+    """A private key and its certificate chain, leaf first.
+
+    ``context`` caches the server ``SSL.Context`` built from it (see ``sni.server_context``).
+    """
 
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     chain: tuple[x509.Certificate, ...]
+    context: object = field(default=None, repr=False)
 
     @property
     def leaf(self) -> x509.Certificate:
