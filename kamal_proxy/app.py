@@ -158,9 +158,10 @@ class Announce(appservice.Service):
         info("Server started", http=self.http.bound_port, https=self.https.bound_port)
 
 
-def setup_service(service) -> None:
+def setup_service(service, tls=None) -> None:
     """Per-service extras built at deploy and restore; a failure refuses the deploy."""
     from kamal_proxy.proxy.pages import ErrorPages, PagesError
+    from kamal_proxy.tls.certificates import CertificateError
 
     path = service.options.error_page_path
     if path:
@@ -171,6 +172,11 @@ def setup_service(service) -> None:
                 "Unable to parse custom error pages", service=service.name, path=path, error=str(e)
             )
             raise RouterError("unable to load error pages") from None
+    if tls is not None:
+        try:
+            tls.setup(service)
+        except CertificateError as e:
+            raise RouterError(str(e)) from None
 
 
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
@@ -178,14 +184,18 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
         from twisted.internet import reactor
     from kamal_proxy.proxy.channel import make_site
     from kamal_proxy.proxy.resource import RoutingResource
-    from kamal_proxy.tls.listener import https_context
+    from kamal_proxy.tls.certificates import TLS
 
     state_path = options.state_path or paths.state_path()
-    router = Router(reactor, state_path, service_setup=setup_service)
+    router = Router(reactor, state_path, service_setup=lambda s: setup_service(s, tls))
+    tls = TLS(reactor, router, options.acme_directory, options.acme_ca_bundle)
     top = appservice.MultiService()
     top.router = router
+    top.tls = tls
 
     RestoreState(router).setServiceParent(top)
+    # After the restore (certificates of restored services are known), before the listeners.
+    tls.acme.setServiceParent(top)
 
     http_resource = RoutingResource(reactor, router, port=options.http_port, secure=False)
     https_resource = RoutingResource(reactor, router, port=options.https_port, secure=True)
@@ -198,9 +208,8 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     https = Listener(
         reactor,
         options.https_port,
-        make_site(https_resource, reactor),
+        tls.server_factory(make_site(https_resource, reactor)),
         tracker,
-        tls_context=https_context(router),
     )
     http.setServiceParent(top)
     https.setServiceParent(top)

@@ -238,9 +238,7 @@ class AcmeClient:
         if authz.status == messages.STATUS_VALID:
             return  # reused authorization
         name = authz.identifier.value if authz.identifier else "?"
-        challb = next(
-            (c for c in authz.challenges if isinstance(c.chall, challenges.HTTP01)), None
-        )
+        challb = next((c for c in authz.challenges if isinstance(c.chall, challenges.HTTP01)), None)
         if challb is None:
             raise AcmeError(f"no http-01 challenge offered for {name}")
         _, validation = challb.chall.response_and_validation(self.jwk)
@@ -343,9 +341,7 @@ class Issuer:
     def has_entry(self, name: str) -> bool:
         """Cache check of the on-demand policy: ``name`` or ``name+rsa`` exists (§16.4)."""
         return (
-            name in self.certificates
-            or self.store.exists(name)
-            or self.store.exists(name + "+rsa")
+            name in self.certificates or self.store.exists(name) or self.store.exists(name + "+rsa")
         )
 
     def _install(self, name: str, entry: KeyAndChain) -> None:

@@ -14,7 +14,6 @@ wait for), and ``http01_response(host, path)`` for the ACME stage of the pipelin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
@@ -138,9 +137,7 @@ def check_url(url: str, host: str) -> str:
         values.setdefault(key, []).append(value)
     values["host"] = [host]
     query = "&".join(
-        f"{quote_plus(key)}={quote_plus(value)}"
-        for key in sorted(values)
-        for value in values[key]
+        f"{quote_plus(key)}={quote_plus(value)}" for key in sorted(values) for value in values[key]
     )
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
@@ -296,7 +293,9 @@ class AcmeCertificates:
         """The synchronous part of the host policy (raises HostNotAllowed)."""
         if self.on_demand is None:
             if name not in self.hosts:
-                raise HostNotAllowed(f'acme/autocert: host "{name}" not configured in HostWhitelist')
+                raise HostNotAllowed(
+                    f'acme/autocert: host "{name}" not configured in HostWhitelist'
+                )
 
     def context_for(self, server_name: str) -> SSL.Context | None:
         name = acme_name(server_name)
@@ -454,7 +453,3 @@ class TLS:
 
     def server_factory(self, site: protocol.Factory) -> protocol.Factory:
         return tls_server_factory(self.reactor, self.router, site)
-
-
-def _exists(path: str) -> bool:
-    return os.path.exists(path)

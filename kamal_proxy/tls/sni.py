@@ -75,9 +75,11 @@ def parse_client_hello(data: bytes) -> ClientHello | NeedMore | None:
     while True:
         if len(data) < pos + 5:
             return NEED_MORE
-        content_type, major, length = data[pos], data[pos + 1], struct.unpack_from(
-            "!H", data, pos + 3
-        )[0]
+        content_type, major, length = (
+            data[pos],
+            data[pos + 1],
+            struct.unpack_from("!H", data, pos + 3)[0],
+        )
         if content_type != 0x16 or major != 3 or length == 0 or length > 16384 + 2048:
             return None
         if len(data) < pos + 5 + length:

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,9 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ACCOUNT_KEY_NAME = "acme_account+key"
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL
-)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
 class StoreError(Exception):
@@ -104,7 +102,7 @@ class KeyAndChain:
         return now >= self.not_after
 
     def __repr__(self) -> str:
-        until = datetime.fromtimestamp(self.not_after, timezone.utc).isoformat()
+        until = datetime.fromtimestamp(self.not_after, UTC).isoformat()
         return f"KeyAndChain(subject={self.leaf.subject.rfc4514_string()!r}, until={until})"
 
 
