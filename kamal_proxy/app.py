@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 
 from kamal_proxy import options as paths
 from kamal_proxy.control.server import ControlProtocol
-from kamal_proxy.observe.events import error, info, warn
+from kamal_proxy.observe.events import debug, error, info, warn
 from kamal_proxy.options import RunOptions
 from kamal_proxy.routing.router import Router, RouterError
 
@@ -197,8 +197,21 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
 
-    http_resource = RoutingResource(reactor, router, port=options.http_port, secure=False)
-    https_resource = RoutingResource(reactor, router, port=options.https_port, secure=True)
+    metrics = None
+    if options.metrics_port:
+        from kamal_proxy.observe.metrics import Metrics, MetricsService
+
+        metrics = Metrics()
+        MetricsService(reactor, options.metrics_port, metrics).setServiceParent(top)
+    else:
+        debug("Metrics server disabled")
+
+    http_resource = RoutingResource(
+        reactor, router, port=options.http_port, secure=False, metrics=metrics
+    )
+    https_resource = RoutingResource(
+        reactor, router, port=options.https_port, secure=True, metrics=metrics
+    )
     tracker = http_resource.tracker
     https_resource.tracker = tracker
     # Stopped last (services stop in reverse order): the drain runs after listeners closed.

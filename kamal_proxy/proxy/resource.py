@@ -25,6 +25,7 @@ from kamal_proxy.observe.events import debug, info, warn
 from kamal_proxy.observe.events import error as log_error
 from kamal_proxy.observe.log import log_request
 from kamal_proxy.proxy import pages
+from kamal_proxy.proxy.buffer import BufferingSink, TooLarge, buffer_request_body
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
 from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
 from kamal_proxy.routing.pause import PauseState, Released
@@ -102,7 +103,7 @@ def _is_websocket(headers) -> bool:
 class RoutingResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, reactor, router, *, port: int, secure: bool) -> None:
+    def __init__(self, reactor, router, *, port: int, secure: bool, metrics=None) -> None:
         super().__init__()
         self.reactor = reactor
         self.router = router
@@ -111,6 +112,7 @@ class RoutingResource(resource.Resource):
         self.scheme = "https" if secure else "http"
         self.proto_value = b"https" if secure else b"http"
         self.tracker = ConnectionTracker()
+        self.metrics = metrics
 
     def getChild(self, path, request):  # pragma: no cover - isLeaf
         return self
@@ -143,6 +145,11 @@ class ProxyExchange:
         "remote_addr",
         "log_extra",
         "affinity_ms",
+        "pending",
+        "req_buffer",
+        "resp_buffer",
+        "gauge",
+        "excluded",
     )
 
     def __init__(self, res: RoutingResource, request: server.Request) -> None:
@@ -159,6 +166,11 @@ class ProxyExchange:
         self.response_bytes = 0
         self.log_extra: dict[str, str] | None = None
         self.affinity_ms = 0
+        self.pending: defer.Deferred | None = None
+        self.req_buffer = None
+        self.resp_buffer: BufferingSink | None = None
+        self.gauge = None
+        self.excluded = False
 
     # -- P2..P16: the pipeline ----------------------------------------------
 
@@ -192,6 +204,17 @@ class ProxyExchange:
             return
         service = match.service
         self.service = service
+        prefix = match.prefix if service.options.strip_prefix and match.prefix != "/" else None
+
+        # P7 service entry: metrics scope
+        metrics = res.metrics
+        if metrics is not None:
+            routed = (self.path[len(prefix) :] or "/") if prefix else self.path
+            if routed in service.exclude_metrics_paths:
+                self.excluded = True
+            else:
+                self.gauge = metrics.inflight(service.name)
+                self.gauge.inc()
 
         # P8 client IP header
         if service.client_ip_header:
@@ -216,7 +239,6 @@ class ProxyExchange:
             return
         if self._redirect(options):
             return
-        prefix = match.prefix if options.strip_prefix and match.prefix != "/" else None
 
         # P14 pause/stop
         pause = service.pause
@@ -398,14 +420,73 @@ class ProxyExchange:
         body = getattr(request, "body_producer", None)
         if body is not None and body.length == 0:
             body = None
-        if body is not None and body.length is not UNKNOWN_LENGTH:
-            pass
 
         target.start_request(self)
+        if topts.buffer_requests and body is not None:
+            # P20: the whole body first, counted as in flight on the target (SPEC §10.2).
+            chunked = body.length is UNKNOWN_LENGTH
+            pending = buffer_request_body(
+                body, topts.max_memory_buffer_size, topts.max_request_body_size
+            )
+            self.pending = pending
+            pending.addCallbacks(
+                self._request_buffered,
+                self._request_buffer_failed,
+                callbackArgs=(path, out, chunked),
+            )
+            return
+        self._forward(path, out, body)
+
+    def _request_buffered(self, buffer, path, headers, chunked) -> None:
+        self.pending = None
+        self.req_buffer = buffer
+        if self.finished:
+            buffer.close()
+            return
+        self._forward(path, headers, buffer.as_producer(unknown_length=chunked))
+
+    def _request_buffer_failed(self, failure: Failure) -> None:
+        self.pending = None
+        exc = failure.value
+        if self.finished or isinstance(exc, defer.CancelledError):
+            return
+        if isinstance(exc, TooLarge):
+            self.fail(413)
+        elif isinstance(exc, MalformedBody):
+            info("Malformed chunked request", path=self.path, error=str(exc))
+            self.fail(400)
+        elif isinstance(exc, ClientGone):
+            self._client_gone(failure)
+        else:
+            log_error("Error buffering request", path=self.path, error=str(exc))
+            self.fail(500)
+
+    def _forward(self, path: bytes, headers: list[tuple[bytes, bytes]], body) -> None:
+        """P21/P22: send upstream, relaying through a response buffer when asked to."""
+        topts = self.service.target_options
+        sink = self
+        if topts.buffer_responses:
+            sink = BufferingSink(
+                self,
+                topts.max_memory_buffer_size,
+                topts.max_response_body_size,
+                on_too_large=self._response_too_large,
+                reactor=self.res.reactor,
+            )
+            self.resp_buffer = sink
+        target = self.target
         self.upstream = target.pool.forward(
-            request.method, path, out, body, self, timeout=target.response_timeout
+            self.request.method, path, headers, body, sink, timeout=target.response_timeout
         )
+        if self.resp_buffer is not None:
+            self.resp_buffer.exchange = self.upstream
         self.upstream.done.addCallbacks(self._upstream_done, self._upstream_failed)
+
+    def _response_too_large(self) -> None:
+        info("Response exceeded max response limit", path=self.path)
+        if self.upstream is not None:
+            self.upstream.cancel()
+        self.fail(500)
 
     # -- ResponseSink ---------------------------------------------------------
 
@@ -433,8 +514,9 @@ class ProxyExchange:
             self._writer_affinity(rh)
         if status == 101:
             return
-        if self.upstream is not None:
-            request.registerProducer(self.upstream, True)
+        producer = self.resp_buffer or self.upstream
+        if producer is not None:
+            request.registerProducer(producer, True)
 
     def _writer_affinity(self, rh) -> None:
         """SPEC §8.3: after a write, reads stick to the writer for a while."""
@@ -479,13 +561,26 @@ class ProxyExchange:
     # -- endings ----------------------------------------------------------------
 
     def _upstream_done(self, _result: object) -> None:
-        if self.is_upgraded:
+        if self.is_upgraded or self.finished:
+            return
+        if self.resp_buffer is not None and not self.resp_buffer.bypassed:
+            self.resp_buffer.finish().addCallbacks(self._relayed, self._relay_failed)
+            return
+        self._relayed(None)
+
+    def _relayed(self, _result: object) -> None:
+        if self.finished:
             return
         request = self.request
-        if not self.finished:
-            if request.producer is not None:
-                request.unregisterProducer()
-            self._finish()
+        if request.producer is not None:
+            request.unregisterProducer()
+        self._finish()
+
+    def _relay_failed(self, failure: Failure) -> None:
+        if self.finished or isinstance(failure.value, (TooLarge, defer.CancelledError)):
+            return
+        log_error("Error sending response", path=self.path, error=str(failure.value))
+        self.fail(500)
 
     def _upstream_failed(self, failure: Failure) -> None:
         if self.finished:
@@ -526,6 +621,8 @@ class ProxyExchange:
             return
         info("Request cancelled due to draining", target=self.target.address, path=self.path)
         started = self.upstream is not None and self.upstream.response_started
+        if self.pending is not None:
+            self.pending.cancel()
         if self.upstream is not None:
             self.upstream.cancel()
         if started:
@@ -537,6 +634,8 @@ class ProxyExchange:
         if self.finished:
             return
         self.status = 499
+        if self.pending is not None:
+            self.pending.cancel()
         if self.upstream is not None:
             self.upstream.cancel()
         self._end(log=True)
@@ -581,8 +680,16 @@ class ProxyExchange:
             return
         self.finished = True
         self.res.tracker.remove(self.request)
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.req_buffer is not None:
+            self.req_buffer.close()
+        if self.resp_buffer is not None:
+            self.resp_buffer.close()
         if self.target is not None:
             self.target.end_request(self)
+        if self.gauge is not None:
+            self.gauge.dec()
         if log:
             self._log()
 
@@ -630,6 +737,11 @@ class ProxyExchange:
                     v.decode("latin-1") for v in request.responseHeaders.getRawHeaders(name, ())
                 )
         log_request(fields)
+        metrics = self.res.metrics
+        if metrics is not None and not self.excluded:
+            metrics.observe(
+                fields["service"], request.method, self.status, fields["duration"] / 1e9
+            )
 
 
 _URL_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;"})
