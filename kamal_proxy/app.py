@@ -188,7 +188,13 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
 
     state_path = options.state_path or paths.state_path()
     router = Router(reactor, state_path, service_setup=lambda s: setup_service(s, tls))
-    tls = TLS(reactor, router, options.acme_directory, options.acme_ca_bundle)
+    tls = TLS(
+        reactor,
+        router,
+        options.acme_directory,
+        options.acme_ca_bundle,
+        http_port=options.http_port,
+    )
     top = appservice.MultiService()
     top.router = router
     top.tls = tls

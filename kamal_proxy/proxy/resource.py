@@ -728,13 +728,16 @@ class ProxyExchange:
             "query": uri[q + 1 :].decode("latin-1") if q >= 0 else "",
         }
         if target is not None and service is not None:
+            # Configured names are str; bytes lookups keep the values bytes (Twisted returns
+            # str values for str names).
             for name in service.log_request_headers:
                 fields["req_" + name.lower().replace("-", "_")] = ",".join(
-                    v.decode("latin-1") for v in h.getRawHeaders(name, ())
+                    v.decode("latin-1") for v in h.getRawHeaders(name.encode("latin-1"), ())
                 )
             for name in service.log_response_headers:
                 fields["resp_" + name.lower().replace("-", "_")] = ",".join(
-                    v.decode("latin-1") for v in request.responseHeaders.getRawHeaders(name, ())
+                    v.decode("latin-1")
+                    for v in request.responseHeaders.getRawHeaders(name.encode("latin-1"), ())
                 )
         log_request(fields)
         metrics = self.res.metrics

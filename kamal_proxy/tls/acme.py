@@ -107,6 +107,7 @@ class AcmeClient:
         self.kid: str | None = None
         self._directory: messages.Directory | None = None
         self._nonces: list[bytes] = []
+        self._registering = defer.DeferredLock()
         #: How many newOrder requests this client sent (tests check "no new order").
         self.orders = 0
 
@@ -157,12 +158,22 @@ class AcmeClient:
             raise AcmeError("the ACME server sent no Replay-Nonce")
         return self._nonces.pop()
 
-    async def post(self, url: str, payload: Any, accept: bytes | None = None) -> tuple[Any, bytes]:
-        """A JWS POST (``payload`` None = POST-as-GET), retrying badNonce twice."""
+    async def post(
+        self, url: str, payload: Any, accept: bytes | None = None, with_jwk: bool = False
+    ) -> tuple[Any, bytes]:
+        """A JWS POST (``payload`` None = POST-as-GET), retrying badNonce twice.
+
+        Signed with the account URL (kid) once known, with the public key (JWK) before
+        that or when ``with_jwk`` (newAccount)."""
         data = b"" if payload is None else json.dumps(payload).encode("utf-8")
         for attempt in range(3):
             signed = jws.JWS.sign(
-                data, key=self.jwk, alg=jose.ES256, nonce=await self._nonce(), url=url, kid=self.kid
+                data,
+                key=self.jwk,
+                alg=jose.ES256,
+                nonce=await self._nonce(),
+                url=url,
+                kid=None if with_jwk else self.kid,
             )
             headers = {
                 b"Content-Type": [b"application/jose+json"],
@@ -183,14 +194,25 @@ class AcmeClient:
     # -- protocol ---------------------------------------------------------------------------
 
     async def register(self) -> str:
-        """Create (or find, for a known key) the account; terms of service accepted."""
-        if self.kid is None:
-            directory = await self.directory()
-            response, _ = await self.post(directory["newAccount"], {"termsOfServiceAgreed": True})
-            location = response.headers.getRawHeaders(b"location")
-            if not location:
-                raise AcmeError("the ACME server sent no account URL")
-            self.kid = location[0].decode("ascii")
+        """Create (or find, for a known key) the account; terms of service accepted.
+
+        Concurrent issuances share one registration (and its kid).
+        """
+        if self.kid is not None:
+            return self.kid
+        return await self._registering.run(lambda: defer.ensureDeferred(self._register()))
+
+    async def _register(self) -> str:
+        if self.kid is not None:  # registered while this caller waited for the lock
+            return self.kid
+        directory = await self.directory()
+        response, _ = await self.post(
+            directory["newAccount"], {"termsOfServiceAgreed": True}, with_jwk=True
+        )
+        location = response.headers.getRawHeaders(b"location")
+        if not location:
+            raise AcmeError("the ACME server sent no account URL")
+        self.kid = location[0].decode("ascii")
         return self.kid
 
     async def issue(

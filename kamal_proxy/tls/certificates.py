@@ -278,8 +278,11 @@ class AcmeCertificates:
         issuer: Issuer,
         hosts: list[str] | None,
         on_demand: OnDemandPolicy | None = None,
+        http_port: int = 80,
     ) -> None:
         self.issuer = issuer
+        # Validation requests name our own port when it is not 80 (e.g. Pebble in tests).
+        self.own_port_suffix = f":{http_port}" if http_port != 80 else None
         self.hosts = frozenset(whitelist_name(h) for h in hosts or ())
         self.on_demand = on_demand
         #: on-demand names this service allowed (kept renewed while the service lives)
@@ -334,6 +337,12 @@ class AcmeCertificates:
         return entry
 
     def http01_response(self, host: str, path: str) -> tuple[int, bytes, bytes]:
+        """Stage P9: the policy checks the Host as received, so ``name:port`` fails (§16.3),
+        except with the HTTP listener's own port when that is not 80 (a deviation: a CA
+        only validates on port 80, which needs no port in Host; test CAs use others)."""
+        suffix = self.own_port_suffix
+        if suffix is not None and host.endswith(suffix):
+            host = host[: -len(suffix)]
         if self.on_demand is None:
             if host not in self.hosts:
                 message = f'acme/autocert: host "{host}" not configured in HostWhitelist'
@@ -376,8 +385,10 @@ class TLS:
         acme_directory: str = "",
         acme_ca_bundle: str = "",
         default_cache_path: str | None = None,
+        http_port: int = 80,
     ) -> None:
         self.reactor = reactor
+        self.http_port = http_port
         self.router = router
         self.acme_directory = acme_directory
         self.acme_ca_bundle = acme_ca_bundle
@@ -433,8 +444,8 @@ class TLS:
                 http=self._on_demand_http(),
                 local=self._probe(),
             )
-            return AcmeCertificates(issuer, None, policy)
-        return AcmeCertificates(issuer, hosts)
+            return AcmeCertificates(issuer, None, policy, self.http_port)
+        return AcmeCertificates(issuer, hosts, None, self.http_port)
 
     def setup(self, service: Any) -> None:
         """``service.certificates`` for a deploy or restore; issuance starts in the background."""

@@ -111,6 +111,19 @@ def keys_match(key, certificate: x509.Certificate) -> bool:
     return key.public_key().public_bytes(*fmt) == certificate.public_key().public_bytes(*fmt)
 
 
+def _make_private_dirs(path: str) -> None:
+    """``os.MkdirAll(path, 0700)``: every directory created on the way gets mode 0700."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 class CertificateStore:
     """One cache directory (for one ACME directory URL)."""
 
@@ -141,7 +154,7 @@ class CertificateStore:
         """Atomically replace ``name`` (mode 0600) in the cache directory (mode 0700)."""
         target = self._file(name)
         try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            _make_private_dirs(self.path)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
             try:
                 os.fchmod(fd, 0o600)

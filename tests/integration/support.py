@@ -5,6 +5,14 @@ Everything here is synchronous (subprocess, sockets, ``http.client``): the proxy
 process, so blocking the test's reactor thread costs nothing and keeps the tests readable.
 Every wait is bounded, every process is stopped by its PID, and every helper that starts
 something registers its cleanup on the test case.
+
+Running: the tests drive the *installed* ``kamal-proxy`` console script next to the Python that
+runs them (a normal, non-editable install), so reinstall after changing the product::
+
+    pip install -q . && python -m twisted.trial [-j 4] tests.integration
+
+``KAMAL_PROXY_TEST_BIN`` points the suite at another executable; ``KAMAL_PROXY_IT_TIMINGS=FILE``
+appends each test's wall time to FILE.
 """
 
 from __future__ import annotations
