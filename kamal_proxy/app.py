@@ -243,7 +243,8 @@ def run_server(options: RunOptions) -> int:
 
     from kamal_proxy.observe.log import start_logging
 
-    start_logging(debug=options.debug)
+    log = start_logging(debug=options.debug)
+    log.batch_flushes(reactor.callLater)
     try:
         top = make_service(options, reactor)
         top.startService()
@@ -256,6 +257,7 @@ def run_server(options: RunOptions) -> int:
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()
+    log.flush()
     return 0
 
 

@@ -174,6 +174,18 @@ class JsonLog:
         self.min_rank = 0 if debug else 1
         self.error_stream = error_stream
         self.clock = clock
+        # Request lines are flushed once per reactor turn rather than once per line: under
+        # load that is one write system call for many requests (set by ``batch_flushes``).
+        self._call_soon: Callable[..., Any] | None = None
+        self._flush_pending = False
+
+    def batch_flushes(self, call_soon: Callable[..., Any]) -> None:
+        """Flush request lines from ``call_soon(0, ...)`` (e.g. ``reactor.callLater``)."""
+        self._call_soon = call_soon
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        self.stream.flush()
 
     def line(self, level: str, msg: str, attrs: Iterable[tuple[str, Any]] = ()) -> None:
         """Write one line: time, level, msg, then ``attrs`` in order (duplicates kept)."""
@@ -210,7 +222,14 @@ class JsonLog:
                 "," + _encode_str(key) + ":" + _json_value(value) for key, value in extra
             )
             text = text[:-1] + tail + "}"
-        self._write(_go_safe(text + "\n"))
+        text = _go_safe(text + "\n")
+        if self._call_soon is None:
+            self._write(text)
+            return
+        self.stream.write(text)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._call_soon(0, self.flush)
 
     def _write(self, text: str) -> None:
         stream = self.stream

@@ -27,6 +27,8 @@ from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from kamal_proxy.proxy.sockets import write_now
+
 __all__ = [
     "ClientGone",
     "MalformedBody",
@@ -579,6 +581,7 @@ class StreamingRequest(server.Request):
             channel.writeHeaders(
                 self.clientproto, b"%d" % self.code, self.code_message, self.responseHeaders
             )
+            channel._flush_head()
         self.startedWriting = 1
         self._upgraded = True
         take_over(self, protocol)
@@ -608,6 +611,7 @@ class ProxyChannel(http.HTTPChannel):
     timeOut = None
 
     def __init__(self) -> None:
+        self._pending_head: bytes | None = None
         self._buf = b""
         self._scan_from = 0
         self._req: StreamingRequest | None = None
@@ -962,7 +966,30 @@ class ProxyChannel(http.HTTPChannel):
             if connection is None or not _has_token(connection, b"close"):
                 parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        # Held until the first body write or the end of the response, so that head and body
+        # leave in one send (see kamal_proxy.proxy.sockets).
+        self._pending_head = b"".join(parts)
+
+    def write(self, data: bytes) -> None:
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            data = head + data
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            write_now(self.transport, head + b"".join(iovec))
+        else:
+            write_now(self.transport, b"".join(iovec))
+
+    def _flush_head(self) -> None:
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            write_now(self.transport, head)
 
     def _before_early_response(self) -> None:
         """The response starts before the body was read: decide whether the connection can
@@ -984,6 +1011,7 @@ class ProxyChannel(http.HTTPChannel):
         self.transport.write(b"".join(parts))
 
     def requestDone(self, request: Any) -> None:
+        self._flush_head()
         if request is not self._req:
             return
         self._req = None
