@@ -27,6 +27,7 @@ from kamal_proxy.observe.log import log_request
 from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.buffer import BufferingSink, TooLarge, buffer_request_body
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
+from kamal_proxy.proxy.cookies import scope_set_cookie
 from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
 from kamal_proxy.routing.pause import PauseState, Released
 from kamal_proxy.routing.rollout import (
@@ -150,6 +151,7 @@ class ProxyExchange:
         "resp_buffer",
         "gauge",
         "excluded",
+        "cookie_prefix",
     )
 
     def __init__(self, res: RoutingResource, request: server.Request) -> None:
@@ -171,6 +173,7 @@ class ProxyExchange:
         self.resp_buffer: BufferingSink | None = None
         self.gauge = None
         self.excluded = False
+        self.cookie_prefix: str | None = None
 
     # -- P2..P16: the pipeline ----------------------------------------------
 
@@ -311,6 +314,8 @@ class ProxyExchange:
             self.fail(503)
             return
         self.target = target
+        if prefix is not None and service.target_options.scope_cookie_paths:
+            self.cookie_prefix = prefix
         self._proxy(prefix)
 
     def _redirect(self, options) -> bool:
@@ -508,7 +513,10 @@ class ProxyExchange:
         rh = request.responseHeaders
         for name in (b"content-type", b"server", b"date"):
             rh.removeHeader(name)
+        scope = self.cookie_prefix
         for k, v in headers:
+            if scope is not None and k.lower() == b"set-cookie":
+                v = scope_set_cookie(v, scope, host_without_port(self.host))
             rh.addRawHeader(k, v)
         if self.affinity_ms:
             self._writer_affinity(rh)

@@ -369,7 +369,3 @@ class RequestLogTests(TrafficTestCase):
                 "w=5; Path=/original; Domain=cookie.example.com",
             ],
         )
-
-    test_scope_cookie_paths.todo = (  # type: ignore[attr-defined]
-        "product gap: scope_cookie_paths is parsed and persisted but never applied (SPEC §9.6)"
-    )
