@@ -262,6 +262,8 @@ def _serve_dns(port: int) -> None:
                 return defer.succeed(([answer], [], []))
             return defer.succeed(([], [], []))
 
+    from twisted.internet.error import CannotListenError
+
     factory = server.DNSServerFactory(clients=[AnyNameToLoopback()])
     udp = reactor.listenUDP(
         port, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
@@ -269,7 +271,7 @@ def _serve_dns(port: int) -> None:
     port = udp.getHost().port
     try:  # TCP only matters for truncated answers, which ours never are
         reactor.listenTCP(port, factory, interface="127.0.0.1")
-    except OSError:
+    except (OSError, CannotListenError):  # the UDP port number may be taken for TCP
         pass
     reactor.callWhenRunning(lambda: (sys.stdout.write(f"READY {port}\n"), sys.stdout.flush()))
     reactor.run()
