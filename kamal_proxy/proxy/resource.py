@@ -10,7 +10,6 @@ page instead of writing.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -28,6 +27,7 @@ from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.buffer import BufferingSink, TooLarge, buffer_request_body
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
 from kamal_proxy.proxy.cookies import scope_set_cookie
+from kamal_proxy.proxy.request_id import new_request_id
 from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
 from kamal_proxy.routing.pause import PauseState, Released
 from kamal_proxy.routing.rollout import (
@@ -190,7 +190,7 @@ class ProxyExchange:
             headers.setRawHeaders(b"x-request-start", [b"t=%d" % (time.time_ns() // 1_000_000)])
         rid = headers.getRawHeaders(b"x-request-id")
         if not rid or not rid[0]:
-            rid = [str(uuid.uuid4()).encode("ascii")]
+            rid = [new_request_id()]
             headers.setRawHeaders(b"x-request-id", rid)
         self.request_id = rid[0]
 
