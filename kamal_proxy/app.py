@@ -200,6 +200,9 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     top.tls = tls
 
     RestoreState(router).setServiceParent(top)
+    if options.http3:
+        # Honest about it: no QUIC stack here, so no UDP listener and no Alt-Svc header.
+        warn("HTTP/3 is not supported by this implementation; serving HTTP/1.1 and HTTP/2")
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
 
