@@ -42,7 +42,7 @@ class ScopeTests(unittest.TestCase):
         )
 
     def test_unparseable_left_alone(self):
-        for bad in (b"no-equals-sign", b'bad name=1; Path=/', b"=1; Path=/"):
+        for bad in (b"no-equals-sign", b"bad name=1; Path=/", b"=1; Path=/"):
             self.assertEqual(scope_set_cookie(bad, "/app", "h"), bad)
 
     @given(st.binary(max_size=80), st.sampled_from(["/a", "/api/v1"]))

@@ -31,11 +31,36 @@ from kamal_proxy.routing.options import (
 )
 
 
-def deploy_flags(acme_cache_path: str) -> list[Flag]:
-    """SPEC §3.6.1, in the Go original's order."""
+def target_flags() -> list[Flag]:
+    """The targets of a deploy; shared with ``rollout deploy``."""
     return [
         Flag("target", STRING_SLICE, [], "Target host(s) to deploy"),
         Flag("read-target", STRING_SLICE, [], "Read-only target host(s) to deploy"),
+    ]
+
+
+def timeout_flags() -> list[Flag]:
+    """How long a deploy waits for health and for the drain; shared with ``rollout deploy``."""
+    return [
+        Flag(
+            "deploy-timeout",
+            DURATION,
+            DEFAULT_DEPLOY_TIMEOUT,
+            "Maximum time to wait for the new target to become healthy",
+        ),
+        Flag(
+            "drain-timeout",
+            DURATION,
+            DEFAULT_DRAIN_TIMEOUT,
+            "Maximum time to allow existing connections to drain before removing old target",
+        ),
+    ]
+
+
+def deploy_flags(acme_cache_path: str) -> list[Flag]:
+    """SPEC §3.6.1, in the Go original's order."""
+    return [
+        *target_flags(),
         Flag("host", STRING_SLICE, [], "Host(s) to serve this target on (empty for wildcard)"),
         Flag("path-prefix", STRING_SLICE, [], "Deploy the service below the specified path(s)"),
         Flag(
@@ -78,18 +103,7 @@ def deploy_flags(acme_cache_path: str) -> list[Flag]:
             "",
             "Redirect all requests to this host (e.g., force root or www)",
         ),
-        Flag(
-            "deploy-timeout",
-            DURATION,
-            DEFAULT_DEPLOY_TIMEOUT,
-            "Maximum time to wait for the new target to become healthy",
-        ),
-        Flag(
-            "drain-timeout",
-            DURATION,
-            DEFAULT_DRAIN_TIMEOUT,
-            "Maximum time to allow existing connections to drain before removing old target",
-        ),
+        *timeout_flags(),
         Flag("force", BOOL, False, "Skip health checks and force deployment"),
         Flag(
             "health-check-interval",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kamal_proxy.cli.command import CobraCommand, Invocation, Spec, exact_args
-from kamal_proxy.cli.flags import DURATION, INT, STRING_SLICE, Flag
+from kamal_proxy.cli.deploy import target_flags, timeout_flags
+from kamal_proxy.cli.flags import INT, STRING_SLICE, Flag
 from kamal_proxy.control import commands
-from kamal_proxy.routing.options import DEFAULT_DEPLOY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT
 
 
 def _run_deploy(inv: Invocation) -> None:
@@ -38,23 +38,7 @@ def rollout_command() -> CobraCommand:
         Spec(
             use="deploy <service>",
             short="Deploy the rollout target",
-            flags=[
-                Flag("target", STRING_SLICE, [], "Target host(s) to deploy"),
-                Flag("read-target", STRING_SLICE, [], "Read-only target host(s) to deploy"),
-                Flag(
-                    "deploy-timeout",
-                    DURATION,
-                    DEFAULT_DEPLOY_TIMEOUT,
-                    "Maximum time to wait for the new target to become healthy",
-                ),
-                Flag(
-                    "drain-timeout",
-                    DURATION,
-                    DEFAULT_DRAIN_TIMEOUT,
-                    "Maximum time to allow existing connections to drain before removing old "
-                    "target",
-                ),
-            ],
+            flags=[*target_flags(), *timeout_flags()],
             args=exact_args(1),
             run=_run_deploy,
             required=("target",),

@@ -23,6 +23,7 @@ from kamal_proxy.routing.options import (
     TargetOptions,
     validate_service_options,
 )
+from kamal_proxy.routing.pause import PauseController
 from kamal_proxy.routing.rollout import split_point
 from kamal_proxy.routing.service import PauseState, Service
 from kamal_proxy.routing.table import RoutingTable
@@ -205,19 +206,19 @@ class Router:
             self.reactor.callLater(0, _retire_when_idle, self.reactor, lb)
 
     async def pause(self, name: str, drain_timeout: int, pause_timeout: int) -> None:
-        try:
-            service = self.get(name)
-            service.pause.pause(pause_timeout)
-            info("Service paused", service=name)
-            await self._drain_service(service, drain_timeout)
-        finally:
-            self.save()
+        await self._hold(name, drain_timeout, "Service paused", lambda p: p.pause(pause_timeout))
 
     async def stop(self, name: str, drain_timeout: int, message: str) -> None:
+        await self._hold(name, drain_timeout, "Service stopped", lambda p: p.stop(message))
+
+    async def _hold(
+        self, name: str, drain_timeout: int, event: str, change: Callable[[PauseController], None]
+    ) -> None:
+        """Pause or stop: change the state, drain what is in flight, then save (SPEC §14)."""
         try:
             service = self.get(name)
-            service.pause.stop(message)
-            info("Service stopped", service=name)
+            change(service.pause)
+            info(event, service=name)
             await self._drain_service(service, drain_timeout)
         finally:
             self.save()

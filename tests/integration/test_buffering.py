@@ -17,9 +17,9 @@ import time
 from tests.integration.support import eventually, pattern_bytes, shared_proxy
 from tests.integration.traffic_support import (
     TrafficTestCase,
-    fast_upstream,
     raw_request_head,
     read_response,
+    shared_upstream,
     spill_files,
 )
 
@@ -33,7 +33,7 @@ class BufferingTests(TrafficTestCase):
     def setUp(self):
         super().setUp()
         self.proxy = shared_proxy("BufferingTests", env={"TMPDIR": SPILL_DIR})
-        self.up = fast_upstream("buffered")
+        self.up = shared_upstream("buffered")
 
     def assertNoSpillFiles(self):
         try:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from tests.integration.traffic_support import TrafficTestCase, fast_upstream
+from tests.integration.traffic_support import TrafficTestCase, shared_upstream
 
 PAGE_503 = (
     "{{ if .Message }}Maintenance: {{ .Message }}{{ else }}Custom Maintenance Page: "
@@ -70,7 +70,7 @@ class ErrorPageTests(TrafficTestCase):
             "--max-request-body",
             "10",
         )
-        self.deploy("ep-plain", fast_upstream("plain").addr, "--host", "plain.pages")
+        self.deploy("ep-plain", shared_upstream("plain").addr, "--host", "plain.pages")
 
         resp = self.get("custom.pages", "/slow?ms=2000")
         self.assertEqual((resp.status, resp.text), (504, "Custom 504 \u2013 slow"))
@@ -102,7 +102,7 @@ class ErrorPageTests(TrafficTestCase):
         """Scenarios 14, 116, 170: a missing dir, an empty dir, a dir without *.html and a
         template that does not compile → `Error: unable to load error pages`; the previous
         target, pages and state stay; a later good directory replaces the templates."""
-        first, second = fast_upstream("first"), fast_upstream("second")
+        first, second = shared_upstream("first"), shared_upstream("second")
         old = self.pages_dir(p503="Old page: {{ .Message }}")
         self.deploy("ep-bad", first.addr, "--host", "bad.pages", "--error-pages", old)
         before = self.state_service(self.proxy, "ep-bad")

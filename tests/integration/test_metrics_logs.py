@@ -10,9 +10,9 @@ import time
 from tests.integration.support import free_port, http_request
 from tests.integration.traffic_support import (
     TrafficTestCase,
-    fast_upstream,
     parse_metrics,
     sample,
+    shared_upstream,
 )
 
 METRICS_PORT = free_port()
@@ -71,7 +71,7 @@ class MetricsTests(TrafficTestCase):
         """Scenarios 56, 121, 172: counters, histogram and gauge after real traffic."""
         log = self.proxy.wait_for_log("Metrics enabled")
         self.assertIn(str(METRICS_PORT), log["address"])
-        up = fast_upstream("metrics")
+        up = shared_upstream("metrics")
         self.deploy(
             "web",
             up.addr,
@@ -177,7 +177,7 @@ class RequestLogTests(TrafficTestCase):
         """Scenarios 117, 171: every §17.2 field with the values sent, custom req_/resp_ keys
         (canonicalised names, multiple values joined with ","), remote_addr from XFF."""
         self.assertEqual(self.proxy.logs("Metrics enabled"), [])
-        up = fast_upstream("logs")
+        up = shared_upstream("logs")
         self.deploy(
             "logs",
             up.addr,
@@ -270,7 +270,7 @@ class RequestLogTests(TrafficTestCase):
     def test_client_ip_header_and_kamal_log_headers(self):
         """Scenarios 50, 118, 160, 171: --client-ip-header sets remote_addr and XFF (header
         name matched case-insensitively); Kamal's default --log-request-header trio."""
-        up = fast_upstream("logs")
+        up = shared_upstream("logs")
         self.deploy(
             "cip",
             up.addr,
@@ -314,7 +314,7 @@ class RequestLogTests(TrafficTestCase):
 
     def test_client_disconnect_logged_as_499(self):
         """Scenario 171: a client that hangs up during a slow upstream response → 499."""
-        self.deploy("gone", fast_upstream("logs").addr, "--host", "gone.example.com")
+        self.deploy("gone", shared_upstream("logs").addr, "--host", "gone.example.com")
         mark = len(self.proxy.lines)
         with socket.create_connection(("127.0.0.1", self.proxy.http_port), timeout=5) as s:
             s.sendall(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: gone.example.com\r\n\r\n")
@@ -326,7 +326,7 @@ class RequestLogTests(TrafficTestCase):
     def test_scope_cookie_paths(self):
         """Scenarios 34-37, 161 (issue item 6): --scope-cookie-paths rewrites Set-Cookie paths
         below the stripped prefix; other domains and the default stay byte-identical."""
-        up = fast_upstream("logs")
+        up = shared_upstream("logs")
         self.deploy(
             "cookies-on",
             up.addr,

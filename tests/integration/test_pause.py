@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 
+from tests.integration.support import shared_upstream
 from tests.integration.traffic_support import (
     DEFAULT_503_TEXT,
     TrafficTestCase,
     go_escape,
 )
-from tests.integration.traffic_support import fast_upstream as shared_upstream
 
 MS = 1_000_000
 

@@ -10,8 +10,8 @@ from email.utils import parsedate_tz
 from tests.integration.support import WebSocketClient
 from tests.integration.traffic_support import (
     TrafficTestCase,
-    fast_upstream,
     parse_set_cookie,
+    shared_upstream,
 )
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -22,8 +22,8 @@ class ReaderTests(TrafficTestCase):
 
     def setUp(self):
         super().setUp()
-        self.writer = fast_upstream("writer")
-        self.reader = fast_upstream("reader")
+        self.writer = shared_upstream("writer")
+        self.reader = shared_upstream("reader")
 
     def who(self, resp) -> str:
         self.assertEqual(resp.status, 200, repr(resp))

@@ -3,8 +3,8 @@ scenarios 38-43, 167)."""
 
 from __future__ import annotations
 
+from tests.integration.support import shared_upstream
 from tests.integration.traffic_support import TrafficTestCase, fnv1a32, in_group, split_point
-from tests.integration.traffic_support import fast_upstream as shared_upstream
 
 
 class RolloutTests(TrafficTestCase):

@@ -8,14 +8,10 @@ template escaping), bounded background requests and a few assertions shared by t
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,17 +22,14 @@ from tests.integration.support import (
     ProxyProcess,
     Response,
     UpstreamProcess,
-    _die_with_parent,
-    _readline_with_timeout,
-    _stop_pid,
     http_request,
+    shared_upstream,
 )
 
 __all__ = [
     "Background",
-    "FastUpstream",
-    "fast_upstream",
     "TrafficTestCase",
+    "shared_upstream",
     "fnv1a32",
     "go_escape",
     "in_group",
@@ -93,49 +86,6 @@ def go_escape(text: str) -> str:
 
 def spill_files(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if n.startswith("proxy-buffer-"))
-
-
-TRAFFIC_APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traffic_app.py")
-
-
-class FastUpstream(UpstreamProcess):
-    """``traffic_app.py NAME ARGS``: the same upstream as ``UpstreamProcess``, without the
-    ~40 ms Nagle/delayed-ACK stall per keep-alive request."""
-
-    def __init__(self, name: str, *args: str):  # noqa: D107 - same contract as the parent
-        self.name = name
-        self.args = list(args)
-        self.proc = subprocess.Popen(
-            [sys.executable, TRAFFIC_APP, name, *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
-        line = _readline_with_timeout(self.proc, 10.0)
-        if not line.startswith("PORT "):
-            _stop_pid(self.proc, signal.SIGKILL, 5)
-            raise AssertionError(f"upstream {name} failed to start: {line!r}")
-        self.port = int(line.split()[1])
-
-
-_FAST: dict[str, FastUpstream] = {}
-
-
-def fast_upstream(name: str) -> FastUpstream:
-    """A shared fast upstream answering ``name`` (for tests that only read from it)."""
-    up = _FAST.get(name)
-    if up is None or not up.alive():
-        up = FastUpstream(name)
-        _FAST[name] = up
-    return up
-
-
-@atexit.register
-def _stop_fast() -> None:
-    for up in _FAST.values():
-        up.stop()
-    _FAST.clear()
 
 
 class Background:
@@ -236,11 +186,11 @@ class TrafficTestCase(IntegrationTestCase):
         self.assertEqual(result.out, "", f"{args}: unexpected stdout")
         return lines[0]
 
-    def upstream(self, name: str, *args: str, port: int = 0) -> FastUpstream:
-        """A private fast upstream (stopped at cleanup)."""
+    def upstream(self, name: str, *args: str, port: int = 0) -> UpstreamProcess:
+        """A private upstream (stopped at cleanup)."""
         if port:
             args = (*args, "--port", str(port))
-        up = FastUpstream(name, *args)
+        up = UpstreamProcess(name, *args)
         self.addCleanup(up.stop)
         return up
 
