@@ -177,14 +177,18 @@ class JsonLog:
         # Request lines are flushed once per reactor turn rather than once per line: under
         # load that is one write system call for many requests (set by ``batch_flushes``).
         self._call_soon: Callable[..., Any] | None = None
-        self._flush_pending = False
+        self._pending: list[str] = []
 
     def batch_flushes(self, call_soon: Callable[..., Any]) -> None:
         """Flush request lines from ``call_soon(0, ...)`` (e.g. ``reactor.callLater``)."""
         self._call_soon = call_soon
 
     def flush(self) -> None:
-        self._flush_pending = False
+        """Write the request lines held for this turn, in order, with one write."""
+        pending = self._pending
+        if pending:
+            self._pending = []
+            self.stream.write("".join(pending))
         self.stream.flush()
 
     def line(self, level: str, msg: str, attrs: Iterable[tuple[str, Any]] = ()) -> None:
@@ -226,15 +230,15 @@ class JsonLog:
         if self._call_soon is None:
             self._write(text)
             return
-        self.stream.write(text)
-        if not self._flush_pending:
-            self._flush_pending = True
+        pending = self._pending
+        pending.append(text)
+        if len(pending) == 1:
             self._call_soon(0, self.flush)
 
     def _write(self, text: str) -> None:
-        stream = self.stream
-        stream.write(text)
-        stream.flush()
+        # Request lines held for this turn go first, so the stream keeps the events' order.
+        self._pending.append(text)
+        self.flush()
 
     def __call__(self, event: dict[str, Any]) -> None:
         """twisted.logger observer: ours as JSON; library errors to stderr; the rest dropped."""

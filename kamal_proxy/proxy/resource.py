@@ -57,6 +57,7 @@ FORWARDING = frozenset(
 DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-length"}
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+SMALL_BODY = 64 * 1024
 
 
 class ConnectionTracker:
@@ -522,8 +523,12 @@ class ProxyExchange:
             self._writer_affinity(rh)
         if status == 101:
             return
+        # Flow control for bodies that could outgrow the socket buffers; a small body with a
+        # known length is written at once and needs none (most responses: a cheaper path).
         producer = self.resp_buffer or self.upstream
-        if producer is not None:
+        if producer is not None and (
+            length is None or length > SMALL_BODY or self.resp_buffer is not None
+        ):
             request.registerProducer(producer, True)
 
     def _writer_affinity(self, rh) -> None:
