@@ -15,6 +15,7 @@ $(BIN)/python:
 
 # A normal (non-editable) install, so that twistd finds the kamal-proxy plugin.
 install: $(BIN)/python
+	rm -rf build
 	$(BIN)/python -m pip install -q '.[test]'
 
 run: install

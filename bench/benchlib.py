@@ -64,7 +64,8 @@ def default_kamal() -> str:
 def require_tools(*tools: str) -> None:
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
-        sys.exit(f"missing tools: {', '.join(missing)} (Debian: apt-get install {' '.join(missing)})")
+        names = " ".join(missing)
+        sys.exit(f"missing tools: {names} (on Debian: apt-get install {names})")
 
 
 def make_ctx(workdir: Path | None, *, pin: bool = True, upload_mib: int = 10):

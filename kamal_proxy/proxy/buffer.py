@@ -65,13 +65,26 @@ class Buffer:
     request ends, whatever happened: it removes the spill file (and is idempotent).
     """
 
-    __slots__ = ("max_memory", "max_size", "size", "_memory", "_memory_size", "_file", "_closed")
+    __slots__ = (
+        "max_memory",
+        "max_size",
+        "size",
+        "_memory",
+        "_memory_size",
+        "_file",
+        "_closed",
+        "_expected",
+    )
 
-    def __init__(self, max_memory: int, max_size: int) -> None:
+    def __init__(self, max_memory: int, max_size: int, expected: int | None = None) -> None:
+        """``expected``: the body's declared length, when known, to size memory once."""
         self.max_memory = max(0, max_memory)
+        self._expected = expected or 0
         self.max_size = max_size
         self.size = 0
-        self._memory: list[bytes] = []
+        # One growing bytearray rather than a list of chunks joined later: a join would hold
+        # the chunks and their copy at once, twice --buffer-memory per request at its peak.
+        self._memory = bytearray()
         self._memory_size = 0
         self._file: Any = None
         self._closed = False
@@ -98,17 +111,29 @@ class Buffer:
         if self._file is None:
             room = self.max_memory - self._memory_size
             if n <= room:
-                self._memory.append(bytes(data))
-                self._memory_size += n
+                self._store(data)
                 self.size += n
                 return
             if room > 0:
-                self._memory.append(bytes(data[:room]))
-                self._memory_size += room
+                self._store(memoryview(data)[:room])
                 self.size += room
                 data = memoryview(data)[room:]
             self._spill()
         self._write_disk(data)
+
+    def _store(self, data: Any) -> None:
+        """Copy into memory, growing by doubling but never past ``max_memory`` (Python's own
+        over-allocation would put up to an eighth more on top of the limit)."""
+        start = self._memory_size
+        end = start + len(data)
+        memory = self._memory
+        if end > len(memory):
+            want = max(end, 2 * len(memory), 16 * 1024, self._expected)
+            grown = bytearray(min(self.max_memory, want))
+            grown[:start] = memoryview(memory)[:start]
+            self._memory = memory = grown
+        memory[start:end] = data
+        self._memory_size = end
 
     def _spill(self) -> None:
         self._file = tempfile.NamedTemporaryFile(prefix=SPILL_PREFIX, delete=False, buffering=0)
@@ -132,13 +157,7 @@ class Buffer:
             raise ValueError("read from a closed buffer")
         memory_size = self._memory_size
         if offset < memory_size:
-            memory = self._memory
-            if len(memory) > 1:  # join once, so each read is one slice
-                memory[:] = [b"".join(memory)]
-            piece = memory[0]
-            if offset == 0 and memory_size <= limit:
-                return piece
-            return piece[offset : offset + limit]
+            return bytes(memoryview(self._memory)[offset : min(offset + limit, memory_size)])
         offset -= memory_size
         if self._file is None:
             return b""
@@ -146,7 +165,7 @@ class Buffer:
 
     def getvalue(self) -> bytes:
         """Everything written so far (tests and small bodies only)."""
-        out = list(self._memory)
+        out = [bytes(memoryview(self._memory)[: self._memory_size])]
         pos = self._memory_size
         while pos < self.size:
             chunk = self.read_chunk(pos)
@@ -170,7 +189,7 @@ class Buffer:
         if self._closed:
             return
         self._closed = True
-        self._memory = []
+        self._memory = bytearray()
         f, self._file = self._file, None
         if f is None:
             return
@@ -348,8 +367,8 @@ def buffer_request_body(body: IBodyProducer, max_memory: int, max_size: int) -> 
     Deferred stops the producer and closes the buffer too.  A declared ``Content-Length``
     above ``max_size`` fails at once, without reading a byte.
     """
-    buffer = Buffer(max_memory, max_size)
     length = body.length
+    buffer = Buffer(max_memory, max_size, expected=None if length is UNKNOWN_LENGTH else length)
     if max_size > 0 and length is not UNKNOWN_LENGTH and length > max_size:
         _stop(body)
         buffer.close()
