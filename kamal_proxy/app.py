@@ -87,12 +87,10 @@ class ControlSocket(appservice.Service):
 class Listener(appservice.Service):
     """A TCP listener on all interfaces whose stop waits for requests in flight (SPEC §4.2)."""
 
-    def __init__(self, reactor, port: int, factory, tracker, tls_context=None) -> None:
+    def __init__(self, reactor, port: int, factory) -> None:
         self.reactor = reactor
         self.requested_port = port
         self.factory = factory
-        self.tracker = tracker
-        self.tls_context = tls_context
         self.port = None
 
     @property
@@ -102,14 +100,10 @@ class Listener(appservice.Service):
     def startService(self) -> None:
         super().startService()
         try:
-            if self.tls_context is not None:
-                self.port = self.reactor.listenSSL(
-                    self.requested_port, self.factory, self.tls_context, interface="::"
-                )
-            else:
-                self.port = self.reactor.listenTCP(
-                    self.requested_port, self.factory, backlog=1024, interface="::"
-                )
+            # TLS, when wanted, is inside the factory (it reads the ClientHello first).
+            self.port = self.reactor.listenTCP(
+                self.requested_port, self.factory, backlog=1024, interface="::"
+            )
         except neterror.CannotListenError as e:
             raise StartupError(f"listen tcp :{self.requested_port}: bind: {_reason(e)}") from None
 
@@ -123,16 +117,18 @@ class Listener(appservice.Service):
 class GracefulShutdown(appservice.Service):
     """Lets requests in flight finish for up to 10 seconds, then closes what is left."""
 
-    def __init__(self, reactor, tracker) -> None:
+    def __init__(self, reactor, tracker, sites) -> None:
         self.reactor = reactor
         self.tracker = tracker
+        self.sites = sites
 
     def stopService(self):
         super().stopService()
         return defer.ensureDeferred(self._drain())
 
     async def _drain(self) -> None:
-        self.tracker.close_idle()
+        for site in self.sites:
+            site.close_idle()
         finished = self.tracker.wait_idle()
         timer = self.reactor.callLater(SHUTDOWN_DEADLINE, finished.cancel)
         try:
@@ -223,16 +219,14 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     )
     tracker = http_resource.tracker
     https_resource.tracker = tracker
-    # Stopped last (services stop in reverse order): the drain runs after listeners closed.
-    GracefulShutdown(reactor, tracker).setServiceParent(top)
+    http_site = make_site(http_resource, reactor)
+    https_site = make_site(https_resource, reactor)
+    # On stop, every service stops at once: the listeners close while this one closes idle
+    # connections and waits for the requests in flight.
+    GracefulShutdown(reactor, tracker, [http_site, https_site]).setServiceParent(top)
 
-    http = Listener(reactor, options.http_port, make_site(http_resource, reactor), tracker)
-    https = Listener(
-        reactor,
-        options.https_port,
-        tls.server_factory(make_site(https_resource, reactor)),
-        tracker,
-    )
+    http = Listener(reactor, options.http_port, http_site)
+    https = Listener(reactor, options.https_port, tls.server_factory(https_site))
     http.setServiceParent(top)
     https.setServiceParent(top)
     ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)

@@ -839,3 +839,43 @@ class LoopbackTests(unittest.TestCase):
             return server_lost
 
         return d.addCallback(check)
+
+
+class ShutdownTests(unittest.TestCase):
+    """``close_idle``: what a graceful stop does to open connections (SPEC §4.2)."""
+
+    def test_idle_closes_now_busy_closes_after_its_response(self):
+        from twisted.web.server import NOT_DONE_YET
+
+        held: list[StreamingRequest] = []
+
+        def respond(request):
+            if request.path == b"/slow":
+                held.append(request)
+                return NOT_DONE_YET
+            return b"ok"
+
+        clock = Clock()
+        site = make_site(Handler(respond), clock)
+        transports = []
+        for _ in range(2):
+            peer = IPv4Address("TCP", "192.0.2.1", 1234)
+            proto = site.buildProtocol(peer)
+            transport = StringTransport(peerAddress=peer)
+            proto.makeConnection(transport)
+            transports.append((proto, transport))
+        (idle, idle_t), (busy, busy_t) = transports
+        idle.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        busy.dataReceived(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(parse_responses(idle_t.value())[0][0], 200)
+
+        site.close_idle()
+        self.assertTrue(idle_t.disconnecting)
+        self.assertFalse(busy_t.disconnecting)
+
+        held[0].write(b"done")
+        held[0].finish()
+        status, headers, body = parse_responses(busy_t.value())[0]
+        self.assertEqual((status, body), (200, b"done"))
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertTrue(busy_t.disconnecting)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
@@ -1218,6 +1219,24 @@ class ProxySite(server.Site):
 
     def __init__(self, resource: Any, reactor: Any = None) -> None:
         super().__init__(resource, timeout=None, reactor=reactor, parsePOSTFormSubmission=False)
+        self._connections: weakref.WeakSet[_ChannelSelector] = weakref.WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self._connections.add(protocol)
+        return protocol
+
+    def close_idle(self) -> None:
+        """Shutdown: close HTTP/1.x connections between requests now, and the others right
+        after their current response (Go's ``Server.Shutdown``).  HTTP/2 connections are
+        left to finish their streams."""
+        for protocol in list(self._connections):
+            channel = protocol._channel
+            if not isinstance(channel, ProxyChannel) or channel._dead:
+                continue
+            channel._persistent = False
+            if channel._req is None and channel._upgrade is None:
+                channel._close()
 
     def log(self, request: Any) -> None:
         """The proxy writes its own JSON request log (SPEC §17.2)."""

@@ -84,9 +84,6 @@ class ConnectionTracker:
         self._waiters.append(d)
         return d
 
-    def close_idle(self) -> None:
-        """Idle keep-alive connections end with the reactor; nothing to wait for."""
-
     def abort_all(self) -> None:
         for request in list(self.active):
             transport = getattr(request.channel, "transport", None)

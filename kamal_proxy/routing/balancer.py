@@ -28,7 +28,6 @@ class LoadBalancer:
         self.healthy_writers: list[Target] = []
         self.healthy_readers: list[Target] = []
         self._became_healthy: defer.Deferred[None] = defer.Deferred()
-        self._stopped = False
         for target in self.targets:
             target.on_state_change = self._target_changed
 
@@ -50,7 +49,6 @@ class LoadBalancer:
 
     def stop(self) -> None:
         """Stop health checks (the balancer was replaced or its service removed)."""
-        self._stopped = True
         for target in self.targets:
             target.stop_health_checks()
 
