@@ -24,6 +24,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -137,8 +138,31 @@ def proxy_command() -> list[str]:
     ]
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """An ephemeral TCP port that is free on all interfaces right now (the proxy binds ``:P``)."""
+    """A TCP port that is free on all interfaces right now (the proxy binds ``:P``).
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out can be taken by
+    any outgoing connection (ours included) between a proxy's stop and its restart on the
+    same port, which makes the restart fail with "address already in use".
+    """
+    low = 10000
+    high = max(low + 1000, _ephemeral_low() - 1)
+    for _ in range(200):
+        port = random.randint(low, high)
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+                s.bind(("::", port))
+        except OSError:
+            continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
