@@ -154,6 +154,13 @@ class Announce(appservice.Service):
         info("Server started", http=self.http.bound_port, https=self.https.bound_port)
 
 
+class ProxyService(appservice.MultiService):
+    """The whole server; ``Server stopped`` once every part has stopped."""
+
+    def stopService(self):
+        return defer.maybeDeferred(super().stopService).addBoth(lambda _: info("Server stopped"))
+
+
 def setup_service(service, tls=None) -> None:
     """Per-service extras built at deploy and restore; a failure refuses the deploy."""
     from kamal_proxy.proxy.pages import ErrorPages, PagesError
@@ -191,7 +198,7 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
         options.acme_ca_bundle,
         http_port=options.http_port,
     )
-    top = appservice.MultiService()
+    top = ProxyService()
     top.router = router
     top.tls = tls
 
@@ -249,10 +256,7 @@ def run_server(options: RunOptions) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
 
-    def shutdown():
-        return top.stopService().addBoth(lambda _: info("Server stopped"))
-
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     log.flush()
     return 0

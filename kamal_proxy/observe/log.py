@@ -283,6 +283,22 @@ def start_logging(
     return log
 
 
+def twistd_observer() -> JsonLog:
+    """For ``twistd --logger kamal_proxy.observe.log.twistd_observer kamal-proxy``: the JSON
+    lines of ``kamal-proxy run`` instead of twistd's text log (``DEBUG``/``KAMAL_PROXY_DEBUG``
+    turn on debug lines, as for ``run``)."""
+    from kamal_proxy.options import env_bool
+
+    global _active
+    log = JsonLog(sys.stdout, debug=env_bool("DEBUG", False), error_stream=sys.stderr)
+    _active = log
+    return log
+
+
+def active() -> JsonLog | None:
+    return _active
+
+
 def set_active(log: JsonLog | None) -> None:
     """Route ``log_request`` to ``log`` without touching Twisted's global observers (tests)."""
     global _active
@@ -293,6 +309,8 @@ def emit(level: str, msg: str, **attrs: Any) -> None:
     """Log ``msg`` at ``level`` (DEBUG/INFO/WARN/ERROR) with ``attrs`` in keyword order."""
     _logger.emit(
         _TWISTED_LEVEL.get(level, LogLevel.info),
+        # Readable in other observers too (twistd's text log): the message and its attributes.
+        "{kp_msg} {kp_attrs}" if attrs else "{kp_msg}",
         kp_level=level,
         kp_msg=msg,
         kp_attrs=tuple(attrs.items()),

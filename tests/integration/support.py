@@ -285,6 +285,9 @@ class ProxyProcess:
     def state_path(self) -> str:
         return os.path.join(self.data_dir, "kamal-proxy.state")
 
+    def command(self) -> list[str]:
+        return proxy_command()
+
     def run_args(self) -> list[str]:
         return [
             "run",
@@ -305,7 +308,7 @@ class ProxyProcess:
             self.bad_lines.clear()
             self.stderr_lines.clear()
         self.proc = subprocess.Popen(
-            proxy_command() + self.run_args(),
+            self.command() + self.run_args(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

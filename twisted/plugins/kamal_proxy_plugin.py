@@ -65,8 +65,19 @@ class KamalProxyServiceMaker:
     options = Options
 
     def makeService(self, options: Options) -> Any:
-        from kamal_proxy.app import make_service
+        import sys
 
+        from twisted.internet import reactor
+
+        from kamal_proxy.app import make_service
+        from kamal_proxy.observe import log
+
+        json_log = log.active()
+        if json_log is None:
+            # Under twistd's own text log, request lines still go to stdout as JSON.
+            json_log = log.JsonLog(sys.stdout, debug=options["debug"], error_stream=None)
+            log.set_active(json_log)
+        json_log.batch_flushes(reactor.callLater)
         return make_service(options.run_options())
 
 
