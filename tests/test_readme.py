@@ -24,8 +24,8 @@ COMMANDS = [
     ["rollout", "set"],
     ["rollout", "stop"],
 ]
-# The syntax placeholder, and the example app's own flags (example/app/app.py).
-NOT_OURS = {"--help", "--flag", "--port", "--version"}
+# The syntax placeholder, the example app's own flags (example/app/app.py) and twistd's.
+NOT_OURS = {"--help", "--flag", "--port", "--version", "--logger"}
 
 
 def help_text(args: list[str]) -> str:
