@@ -164,3 +164,15 @@ class ObserverTests(unittest.TestCase):
         )
         self.assertEqual(len(lines(out)), 1)
         self.assertIn("Unhandled error", err.getvalue())
+
+
+class RequestInOrderTests(unittest.TestCase):
+    def test_same_line_as_request(self):
+        from kamal_proxy.observe.log import REQUEST_KEYS, JsonLog
+
+        fields = {key: i for i, key in enumerate(REQUEST_KEYS)}
+        fields["req_x_custom"] = "hello"
+        one, two = io.StringIO(), io.StringIO()
+        JsonLog(one, clock=lambda: 0).request(fields)
+        JsonLog(two, clock=lambda: 0).request_in_order(fields)
+        self.assertEqual(one.getvalue(), two.getvalue())

@@ -226,7 +226,18 @@ class JsonLog:
                 "," + _encode_str(key) + ":" + _json_value(value) for key, value in extra
             )
             text = text[:-1] + tail + "}"
-        text = _go_safe(text + "\n")
+        self._queue(_go_safe(text + "\n"))
+
+    def request_in_order(self, fields: dict[str, Any]) -> None:
+        """``request`` for callers that build ``fields`` with every key of ``REQUEST_KEYS``
+        first and in that order (the proxy's hot path): no per-key copying."""
+        if self.min_rank > 1:
+            return
+        record = {"time": format_time(self.clock()), "level": "INFO", "msg": "Request"}
+        record.update(fields)
+        self._queue(_go_safe(_dumps(record) + "\n"))
+
+    def _queue(self, text: str) -> None:
         if self._call_soon is None:
             self._write(text)
             return
@@ -331,6 +342,13 @@ def warn(msg: str, **attrs: Any) -> None:
 
 def error(msg: str, **attrs: Any) -> None:
     emit(ERROR, msg, **attrs)
+
+
+def log_request_in_order(fields: dict[str, Any]) -> None:
+    """``log_request`` for ``fields`` built in ``REQUEST_KEYS`` order (see ``request_in_order``)."""
+    log = _active
+    if log is not None:
+        log.request_in_order(fields)
 
 
 def log_request(fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:

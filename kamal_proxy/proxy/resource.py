@@ -17,12 +17,12 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import datetimeToString
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from kamal_proxy.observe.events import debug, info, warn
 from kamal_proxy.observe.events import error as log_error
-from kamal_proxy.observe.log import log_request
+from kamal_proxy.observe.log import log_request_in_order
 from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.buffer import BufferingSink, TooLarge, buffer_request_body
 from kamal_proxy.proxy.channel import ClientGone, MalformedBody
@@ -58,6 +58,7 @@ DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-lengt
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 SMALL_BODY = 64 * 1024
+_canonical = _nameEncoder.encode
 
 
 class ConnectionTracker:
@@ -509,13 +510,24 @@ class ProxyExchange:
         self.status = status
         request.setResponseCode(status, reason or None)
         rh = request.responseHeaders
-        for name in (b"content-type", b"server", b"date"):
-            rh.removeHeader(name)
+        # Straight into the Headers' dict: names canonicalised (cached) as Twisted does;
+        # the parser split the lines, so only a bare CR could still hide in a value.
+        raw = rh._rawHeaders
         scope = self.cookie_prefix
         for k, v in headers:
-            if scope is not None and k.lower() == b"set-cookie":
+            try:
+                name = _canonical(k)
+            except InvalidHeaderName:
+                continue
+            if 13 in v:
+                v = v.replace(b"\r", b" ")
+            if scope is not None and name == b"Set-Cookie":
                 v = scope_set_cookie(v, scope, host_without_port(self.host))
-            rh.addRawHeader(k, v)
+            values = raw.get(name)
+            if values is None:
+                raw[name] = [v]
+            else:
+                values.append(v)
         if self.affinity_ms:
             self._writer_affinity(rh)
         if status == 101:
@@ -749,7 +761,7 @@ class ProxyExchange:
                     v.decode("latin-1")
                     for v in request.responseHeaders.getRawHeaders(name.encode("latin-1"), ())
                 )
-        log_request(fields)
+        log_request_in_order(fields)
         metrics = self.res.metrics
         if metrics is not None and not self.excluded:
             metrics.observe(
