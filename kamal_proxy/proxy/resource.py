@@ -495,7 +495,9 @@ class ProxyExchange:
     # -- ResponseSink ---------------------------------------------------------
 
     def informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if not self.finished:
+        # 100 Continue is between us and each side (the channel sends the client its own
+        # when the body is first read), as in Go; other 1xx (103 Early Hints) are relayed.
+        if status != 100 and not self.finished:
             h = Headers()
             for k, v in headers:
                 h.addRawHeader(k, v)

@@ -716,7 +716,8 @@ class RequestConformanceTests(IntegrationTestCase):
                 rest += chunk
         raw = interim + rest
         self.assertTrue(raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), raw[:200])
-        # Several interim responses are legal (the upstream's own 100 may be relayed too).
+        # Exactly one: the upstream's own 100 is not relayed on top of ours (as in Go).
+        self.assertEqual(raw.count(b" 100 Continue\r\n"), 1, raw[:400])
         final = raw
         while final.startswith(b"HTTP/1.1 1"):
             final = final.split(b"\r\n\r\n", 1)[1]
