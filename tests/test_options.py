@@ -21,6 +21,7 @@ from kamal_proxy.routing.options import (
     validate_service_options,
     validate_target_address,
 )
+from tests.spec_keys import OPTION_KEYS, TARGET_OPTION_KEYS
 
 PREFIX = "service options invalid: "
 
@@ -419,46 +420,11 @@ target_options = st.builds(
 
 class JSONTests(unittest.TestCase):
     def test_service_key_order(self) -> None:
-        self.assertEqual(
-            list(ServiceOptions().to_json()),
-            [
-                "hosts",
-                "path_prefixes",
-                "tls_enabled",
-                "tls_certificate_path",
-                "tls_private_key_path",
-                "tls_on_demand_url",
-                "tls_redirect",
-                "canonical_host",
-                "acme_directory",
-                "acme_cache_path",
-                "error_page_path",
-                "strip_prefix",
-                "writer_affinity_timeout",
-                "read_targets_accept_websockets",
-                "exclude_metrics_paths",
-                "client_ip_header",
-            ],
-        )
+        self.assertEqual(list(ServiceOptions().to_json()), OPTION_KEYS)
 
     def test_target_key_order(self) -> None:
         data = TargetOptions().to_json()
-        self.assertEqual(
-            list(data),
-            [
-                "health_check_config",
-                "response_timeout",
-                "buffer_requests",
-                "buffer_responses",
-                "max_memory_buffer_size",
-                "max_request_body_size",
-                "max_response_body_size",
-                "log_request_headers",
-                "log_response_headers",
-                "forward_headers",
-                "scope_cookie_paths",
-            ],
-        )
+        self.assertEqual(list(data), TARGET_OPTION_KEYS)
         self.assertEqual(
             list(data["health_check_config"]), ["path", "port", "interval", "timeout", "host"]
         )
