@@ -565,6 +565,8 @@ class ProxyExchange:
         request = self.request
         self.is_upgraded = True
         self.tunnel = tunnel
+        # A graceful stop does not wait for tunnels (SPEC §4.2): they end with the process.
+        self.res.tracker.remove(request)
         self.status = 101
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         lines += [

@@ -12,6 +12,7 @@ import time
 from tests.integration.support import (
     IntegrationTestCase,
     ProxyProcess,
+    WebSocketClient,
     free_port,
     port_open,
     run_cli,
@@ -121,6 +122,25 @@ class ShutdownTests(IntegrationTestCase):
     def test_sigint(self):
         """Scenario 138."""
         self._assert_clean_exit(signal.SIGINT)
+
+    def test_open_websocket_does_not_hold_shutdown(self):
+        """§4.2: upgraded connections are not waited for; idle keep-alive ones close at once."""
+        proxy = self.start_proxy()
+        up = self.upstream("ws")
+        self.deploy("web", up.addr, proxy=proxy)
+        ws = WebSocketClient.connect(proxy.http_port, "/ws", host="localhost")
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.status, 101, ws.response_head)
+        ws.send("hello")
+        self.assertEqual(ws.recv(), (1, b"hello"))
+        idle = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=5)
+        self.addCleanup(idle.close)
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertIn(b"200 OK", idle.recv(65536))
+        started = time.monotonic()
+        self.assertEqual(proxy.stop(signal.SIGTERM, timeout=10), 0, proxy.describe())
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertFalse(proxy.logs("Closing active connections"))
 
     def test_in_flight_request_finishes_on_shutdown(self):
         """§4.2: graceful shutdown lets an in-flight request finish."""
