@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -465,3 +466,50 @@ class ScheduleTests(unittest.TestCase):
         for interval in (0, -SECOND):
             self.assertRaises(ValueError, self.make(interval=interval).start)
         self.assertEqual(self.agent.requests, [])
+
+
+class ProxyEnvironmentTests(unittest.TestCase):
+    """SPEC §12.1: health checks honour the HTTP proxy variables as Go's client does."""
+
+    def test_proxy_rules(self):
+        from kamal_proxy.health.checker import proxy_for
+
+        env = {"HTTP_PROXY": "http://proxy.internal:3128", "NO_PROXY": "skip.example,.corp"}
+        self.assertEqual(proxy_for("http://web-1:3000/up", env), ("proxy.internal", 3128))
+        self.assertIsNone(proxy_for("http://localhost:3000/up", env))
+        self.assertIsNone(proxy_for("http://127.0.0.1:3000/up", env))
+        self.assertIsNone(proxy_for("http://skip.example:3000/up", env))
+        self.assertIsNone(proxy_for("http://a.corp/up", env))
+        self.assertIsNone(proxy_for("http://web-1:3000/up", {}))
+        self.assertIsNone(proxy_for("http://web-1/up", {**env, "NO_PROXY": "*"}))
+        self.assertEqual(proxy_for("http://web-1/up", {"http_proxy": "p:8080"}), ("p", 8080))
+
+    def test_check_goes_through_the_proxy(self):
+        """A real check through a real (tiny) forward proxy on loopback."""
+        from twisted.internet import reactor
+        from twisted.web import resource, server
+
+        from kamal_proxy.health.checker import HealthCheck
+        from kamal_proxy.routing.options import HealthCheckConfig
+
+        seen = []
+
+        class Proxy(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                seen.append((request.uri, request.getHeader(b"host")))
+                return b"ok"
+
+        port = reactor.listenTCP(0, server.Site(Proxy()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        env = {"HTTP_PROXY": f"http://127.0.0.1:{port.getHost().port}"}
+        self.patch(os, "environ", env)
+        check = HealthCheck(reactor, "web-1.invalid:3000", HealthCheckConfig(), lambda ok: None)
+        d = defer.ensureDeferred(check.check())
+
+        def checked(result):
+            self.assertIsNone(result)
+            self.assertEqual(seen, [(b"http://web-1.invalid:3000/up", b"web-1.invalid:3000")])
+
+        return d.addCallback(checked)

@@ -6,15 +6,18 @@ which is what a fixed-rate Go ticker with a blocking receiver does.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import posixpath
 import re
-from collections.abc import Callable
-from urllib.parse import quote, unquote_to_bytes, urljoin
+from collections.abc import Callable, Mapping
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 
 from kamal_proxy.observe.events import info
@@ -59,6 +62,47 @@ class HealthCheckFailed(Exception):
     pass
 
 
+def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """The HTTP proxy Go's default client would use for ``url`` (``HTTP_PROXY``/``NO_PROXY``,
+    either case; never for ``localhost`` or loopback addresses), as ``(host, port)``."""
+    env = os.environ if environ is None else environ
+    proxy = env.get("HTTP_PROXY") or env.get("http_proxy")
+    if not proxy:
+        return None
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or _is_loopback(host):
+        return None
+    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        entry = entry.split(":")[0].lstrip(".").lstrip("*").lstrip(".")
+        if host.lower() == entry or host.lower().endswith("." + entry):
+            return None
+    parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or 80
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def health_agent(reactor, url: str):
+    """A non-persistent Agent, or a ProxyAgent when the environment names an HTTP proxy."""
+    proxy = proxy_for(url)
+    if proxy is None:
+        return Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    endpoint = HostnameEndpoint(reactor, proxy[0], proxy[1])
+    return ProxyAgent(endpoint, reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+
+
 class HealthCheck:
     """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
 
@@ -76,7 +120,7 @@ class HealthCheck:
         self._interval = config.interval / 1e9
         self._timeout = config.timeout / 1e9
         self._report = report
-        self._agent = agent or Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        self._agent = agent or health_agent(reactor, self.url)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._running: defer.Deferred | None = None
