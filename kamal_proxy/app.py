@@ -1,7 +1,8 @@
 """Assemble the server: one ``MultiService`` for ``kamal-proxy run`` and ``twistd kamal-proxy``.
 
 Start order is the SPEC's (§4.1): restore state, metrics, HTTP and HTTPS listeners, control
-socket, then ``Server started``.  Stop order is the reverse, with a bounded graceful drain.
+socket, then ``Server started``.  On stop every part stops at once: the listeners and the
+socket close while idle connections are closed and requests in flight get up to 10 seconds.
 """
 
 from __future__ import annotations
