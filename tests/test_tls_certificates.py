@@ -9,6 +9,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import server
 
+from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe import log as logmod
 from kamal_proxy.routing.options import ServiceOptions
 from kamal_proxy.tls.acme import Issuer
@@ -21,7 +22,6 @@ from kamal_proxy.tls.certificates import (
     StaticCertificate,
     acme_name,
     check_url,
-    go_quote,
 )
 from kamal_proxy.tls.probe import probe
 from kamal_proxy.tls.store import CertificateStore
@@ -58,9 +58,12 @@ class CheckUrlTests(unittest.TestCase):
         )
 
     def test_go_quote(self):
-        self.assertEqual(go_quote(b'Access "denied"\n'), '"Access \\"denied\\"\\n"')
-        self.assertEqual(go_quote(b"\xff\x01"), '"\\xff\\x01"')
-        self.assertEqual(go_quote("é".encode()), '"é"')
+        def quote(body: bytes) -> str:  # how the denial message quotes a response body
+            return go_quote(body.decode("utf-8", "surrogateescape"))
+
+        self.assertEqual(quote(b'Access "denied"\n'), '"Access \\"denied\\"\\n"')
+        self.assertEqual(quote(b"\xff\x01"), '"\\xff\\x01"')
+        self.assertEqual(quote("é".encode()), '"é"')
 
     def test_acme_name(self):
         self.assertEqual(acme_name("App.Example.COM."), "app.example.com")

@@ -26,6 +26,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from kamal_proxy import options as paths
+from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe.events import error, warn
 from kamal_proxy.routing.options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
 from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
@@ -142,40 +143,6 @@ def check_url(url: str, host: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
-def go_quote(data: bytes) -> str:
-    """Go's ``%q`` of a string: double quotes, backslash escapes, invalid UTF-8 as ``\\xNN``."""
-    out = ['"']
-    text = data.decode("utf-8", "surrogateescape")
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\a":
-            out.append("\\a")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\v":
-            out.append("\\v")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif not ch.isprintable() and ch != " ":
-            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 class _Limited(protocol.Protocol):
     """Collects at most ``limit`` bytes of a response body, then stops reading it."""
 
@@ -244,7 +211,7 @@ class OnDemandPolicy:
             )
             raise HostNotAllowed(
                 f"{host} is not allowed to get a certificate (status: {status}, "
-                f"body: {go_quote(body)})"
+                f"body: {go_quote(body.decode('utf-8', 'surrogateescape'))})"
             )
 
     async def _get(self, url: str) -> tuple[int, bytes]:
