@@ -14,25 +14,16 @@ not in ``../shared/bench/`` beside the checkout.  It needs Debian's ``wrk`` and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from benchlib import harness_path
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKLOADS = "small-keepalive,big-download,upload"
-
-
-def harness() -> Path:
-    explicit = os.environ.get("PROXYBENCH")
-    candidates = [Path(explicit)] if explicit else []
-    candidates.append(ROOT.parent / "shared" / "bench" / "proxybench.py")
-    for path in candidates:
-        if path.exists():
-            return path
-    sys.exit("proxybench.py not found: set PROXYBENCH to its path")
 
 
 def paired(runs: list[dict], workload: str, key: str) -> list[float]:
@@ -81,7 +72,7 @@ def main(argv: list[str]) -> int:
     kamal = Path(sys.executable).parent / "kamal-proxy"
     cmd = [
         sys.executable,
-        str(harness()),
+        str(harness_path()),
         "--proxies",
         "direct,nginx,kamal",
         "--kamal-cmd",
