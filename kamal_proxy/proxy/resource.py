@@ -247,7 +247,7 @@ class ProxyExchange:
         if pause.state:
             routed = self.path[len(prefix) :] or "/" if prefix else self.path
             if request.method in READ_METHODS and routed == service.health_check_path:
-                self._empty(200)
+                self._answer(200)
             elif pause.state == PauseState.STOPPED:
                 self.fail(503, pause.stop_message)
             else:
@@ -268,22 +268,17 @@ class ProxyExchange:
             )
             self.fail(504)
 
-    def _answer(self, status: int, content_type: bytes, body: bytes) -> None:
+    def _answer(self, status: int, content_type: bytes | None = None, body: bytes = b"") -> None:
+        """A response of the proxy's own (challenge answers, health pass-through)."""
         request = self.request
         request.setResponseCode(status)
-        request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+        if content_type is not None:
+            request.responseHeaders.setRawHeaders(b"content-type", [content_type])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self.status = status
         if body:
             request.write(body)
             self.response_bytes = len(body)
-        self._finish()
-
-    def _empty(self, status: int) -> None:
-        request = self.request
-        request.setResponseCode(status)
-        request.responseHeaders.setRawHeaders(b"content-length", [b"0"])
-        self.status = status
         self._finish()
 
     def _select_target(self, prefix: str | None) -> None:
