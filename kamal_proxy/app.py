@@ -146,13 +146,25 @@ class GracefulShutdown(appservice.Service):
 
 
 class Announce(appservice.Service):
-    def __init__(self, http: Listener, https: Listener) -> None:
+    """Logs ``Server started`` once the reactor runs.
+
+    Process managers and tests take that line as "ready", and may send SIGTERM at once: the
+    reactor installs its signal handlers as it starts running, so announcing any earlier would
+    leave a window in which SIGTERM kills the process instead of stopping it gracefully.
+    """
+
+    def __init__(self, reactor, http: Listener, https: Listener) -> None:
+        self.reactor = reactor
         self.http = http
         self.https = https
 
     def startService(self) -> None:
         super().startService()
-        info("Server started", http=self.http.bound_port, https=self.https.bound_port)
+        self.reactor.callWhenRunning(self._announce)
+
+    def _announce(self) -> None:
+        if self.running:
+            info("Server started", http=self.http.bound_port, https=self.https.bound_port)
 
 
 class ProxyService(appservice.MultiService):
@@ -238,7 +250,7 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     http.setServiceParent(top)
     https.setServiceParent(top)
     ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)
-    Announce(http, https).setServiceParent(top)
+    Announce(reactor, http, https).setServiceParent(top)
     return top
 
 

@@ -328,7 +328,8 @@ class ProxyProcess:
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Ready = the control socket accepts connections and the HTTP port answers."""
+        """Ready = ``Server started`` is logged (as a process manager reads it), the control
+        socket accepts connections and the HTTP port answers."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -337,7 +338,11 @@ class ProxyProcess:
                     f"kamal-proxy run exited with {self.proc.returncode} during start-up\n"
                     + self.describe()
                 )
-            if unix_socket_accepts(self.socket_path) and port_open(self.http_port):
+            if (
+                self.logs("Server started")
+                and unix_socket_accepts(self.socket_path)
+                and port_open(self.http_port)
+            ):
                 return
             time.sleep(0.05)
         self.stop(signal.SIGKILL)
@@ -987,6 +992,25 @@ def _stop_shared() -> None:
     for up in _SHARED_UPSTREAMS.values():
         up.stop()
     _SHARED_UPSTREAMS.clear()
+
+
+class SigtermOnStartMixin:
+    """Sends SIGTERM from the stdout reader the instant ``Server started`` arrives, as a
+    process manager may: the server must stop gracefully, not die of the signal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.signalled = threading.Event()
+
+    def _on_stdout(self, line: str) -> None:
+        if not self.signalled.is_set() and '"Server started"' in line:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.signalled.set()
+        super()._on_stdout(line)
+
+
+class SigtermWhenStarted(SigtermOnStartMixin, ProxyProcess):
+    pass
 
 
 class IntegrationTestCase(unittest.TestCase):

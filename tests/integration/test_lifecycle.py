@@ -12,6 +12,7 @@ import time
 from tests.integration.support import (
     IntegrationTestCase,
     ProxyProcess,
+    SigtermWhenStarted,
     WebSocketClient,
     free_port,
     port_open,
@@ -122,6 +123,19 @@ class ShutdownTests(IntegrationTestCase):
     def test_sigint(self):
         """Scenario 138."""
         self._assert_clean_exit(signal.SIGINT)
+
+    def test_sigterm_the_moment_it_is_started(self):
+        """A SIGTERM sent as soon as ``Server started`` is read stops the server gracefully:
+        the line is logged only once the signal handlers are in place."""
+        for _ in range(5):
+            proxy = SigtermWhenStarted()
+            self.addCleanup(proxy.cleanup)
+            proxy.start(wait_ready=False)
+            proxy.wait_for_log("Server started", timeout=20)
+            self.assertTrue(proxy.signalled.wait(5))
+            proxy.proc.wait(15)
+            self.assertEqual(proxy.stop(), 0, proxy.describe())
+            self.assertTrue(proxy.logs("Server stopped"), proxy.describe())
 
     def test_open_websocket_does_not_hold_shutdown(self):
         """§4.2: upgraded connections are not waited for; idle keep-alive ones close at once."""

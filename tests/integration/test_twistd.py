@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from tests.integration.support import IntegrationTestCase, ProxyProcess
+from tests.integration.support import IntegrationTestCase, ProxyProcess, SigtermOnStartMixin
 
 
 class TwistdProxyProcess(ProxyProcess):
@@ -20,10 +20,17 @@ class TwistdProxyProcess(ProxyProcess):
         return ["kamal-proxy", *super().run_args()[1:]]
 
 
+class TwistdSigtermWhenStarted(SigtermOnStartMixin, TwistdProxyProcess):
+    pass
+
+
 class TwistdPluginTests(IntegrationTestCase):
-    def test_plugin_serves_deploys_and_stops(self):
+    def setUp(self):
+        super().setUp()
         if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "twistd")):
             self.skipTest("twistd is not installed beside this Python")
+
+    def test_plugin_serves_deploys_and_stops(self):
         proxy = TwistdProxyProcess()
         self.addCleanup(proxy.cleanup)
         proxy.start()
@@ -38,3 +45,15 @@ class TwistdPluginTests(IntegrationTestCase):
         self.assertIn(proxy.stop(signal.SIGTERM, timeout=15), (0, -signal.SIGTERM))
         proxy.wait_for_log("Server stopped")
         self.assertFalse(os.path.exists(proxy.socket_path))
+
+    def test_sigterm_the_moment_it_is_started(self):
+        """Under twistd too, ``Server started`` means SIGTERM is handled gracefully."""
+        for _ in range(3):
+            proxy = TwistdSigtermWhenStarted()
+            self.addCleanup(proxy.cleanup)
+            proxy.start(wait_ready=False)
+            proxy.wait_for_log("Server started", timeout=20)
+            self.assertTrue(proxy.signalled.wait(5))
+            proxy.proc.wait(15)
+            self.assertIn(proxy.stop(), (0, -signal.SIGTERM))
+            proxy.wait_for_log("Server stopped")
