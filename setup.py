@@ -16,6 +16,7 @@ setup(
         "kamal_proxy.proxy",
         "kamal_proxy.tls",
         "kamal_proxy.observe",
+        "kamal_proxy.process",
         "twisted.plugins",
     ],
     install_requires=[

@@ -40,6 +40,13 @@ RUN_FLAGS = (
     ),
     RunFlag("http3", BOOL, "http3", None, "Enable HTTP/3"),
     RunFlag(
+        "workers",
+        INT,
+        "workers",
+        "WORKERS",
+        "Worker processes serving traffic (1 = a single process)",
+    ),
+    RunFlag(
         "acme-directory",
         STRING,
         "acme_directory",

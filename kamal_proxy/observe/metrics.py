@@ -13,7 +13,7 @@ import errno
 import gzip
 import os
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.web import resource, server
 
-from kamal_proxy.observe.events import info
+from kamal_proxy.observe.events import error, info
 
 __all__ = [
     "BUCKETS",
@@ -127,6 +127,41 @@ class Metrics:
             gauge = self._inflight[service] = InFlight(service)
         return gauge
 
+    # -- summing over processes -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every series as plain JSON data (a worker's answer to the main process's scrape)."""
+        series = {id(s): s for s in self._requests.values()}.values()
+        return {
+            "requests": [[*s.labels, list(s.buckets), s.count, s.sum] for s in series],
+            "inflight": [[g.service, g.value] for g in self._inflight.values()],
+        }
+
+    def add(self, snapshot: dict[str, Any], gauges: bool = True) -> None:
+        """Add another process's ``snapshot`` to these series: counters and histograms add,
+        gauges add too unless ``gauges`` is false (a process that is gone has none)."""
+        for service, method, status, buckets, count, total in snapshot.get("requests", ()):
+            key = (service, method, int(status))
+            series = self._requests.get(key)
+            if series is None:
+                series = self._new_series(key)
+            series.count += count
+            series.sum += total
+            mine = series.buckets
+            for i, n in enumerate(buckets[: len(mine)]):
+                mine[i] += n
+        if gauges:
+            for service, value in snapshot.get("inflight", ()):
+                self.inflight(service).value += value
+
+    @classmethod
+    def total(cls, snapshots: list[dict[str, Any]]) -> Metrics:
+        """The sum of ``snapshots`` as a Metrics of its own (for one scrape)."""
+        metrics = cls()
+        for snapshot in snapshots:
+            metrics.add(snapshot)
+        return metrics
+
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated as prometheus_client does."""
         encoder, content_type = choose_encoder(accept)
@@ -166,21 +201,49 @@ class _Collector:
         return self.metrics.collect()
 
 
+Gather = Callable[[], "defer.Deferred[list[dict[str, Any]]]"]
+
+
 class MetricsResource(resource.Resource):
-    """Serves the exposition on every path (as the Go original's handler does)."""
+    """Serves the exposition on every path (as the Go original's handler does).
+
+    With worker processes, ``gather`` fetches their snapshots at scrape time and the answer
+    is the sum of theirs and this process's own.
+    """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, gather: Gather | None = None) -> None:
         super().__init__()
         self.metrics = metrics
+        self.gather = gather
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return self
 
-    def render(self, request: server.Request) -> bytes:
+    def render(self, request: server.Request) -> bytes | int:
+        if self.gather is None:
+            return self._answer(request, self.metrics)
+        d = self.gather()
+
+        def answer(snapshots: list[dict[str, Any]]) -> None:
+            body = self._answer(request, Metrics.total([self.metrics.snapshot(), *snapshots]))
+            if not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            error("Unable to collect metrics", error=str(failure.value))
+            if not request._disconnected:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
+
+    def _answer(self, request: server.Request, metrics: Metrics) -> bytes:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        body, content_type = self.metrics.exposition(accept)
+        body, content_type = metrics.exposition(accept)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         if gzip_accepted((request.getHeader(b"accept-encoding") or b"").decode("latin-1")):
             body = gzip.compress(body)
@@ -189,31 +252,53 @@ class MetricsResource(resource.Resource):
         return b"" if request.method == b"HEAD" else body
 
 
-def metrics_site(metrics: Metrics) -> server.Site:
-    site = server.Site(MetricsResource(metrics))
+def metrics_site(metrics: Metrics, gather: Gather | None = None) -> server.Site:
+    site = server.Site(MetricsResource(metrics, gather))
     site.noisy = False
     site.displayTracebacks = False
     return site
 
 
 class MetricsService(appservice.Service):
-    """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18)."""
+    """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18), opened in
+    ``privilegedStartService`` (before a privilege drop) or at start."""
 
-    def __init__(self, reactor: Any, port: int, metrics: Metrics, *, interface: str = "::") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        metrics: Metrics,
+        *,
+        interface: str = "::",
+        gather: Gather | None = None,
+    ) -> None:
         self.reactor = reactor
         self.requested_port = port
         self.interface = interface
         self.metrics = metrics
+        self.gather = gather
         self.port: Any = None
 
     @property
     def bound_port(self) -> int:
         return self.port.getHost().port
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+        info("Metrics enabled", address=f":{self.requested_port}")
+
+    def _listen(self) -> None:
         try:
             self.port = self.reactor.listenTCP(
-                self.requested_port, metrics_site(self.metrics), interface=self.interface
+                self.requested_port,
+                metrics_site(self.metrics, self.gather),
+                interface=self.interface,
             )
         except neterror.CannotListenError as e:
             from kamal_proxy.app import StartupError
@@ -221,8 +306,6 @@ class MetricsService(appservice.Service):
             raise StartupError(
                 f"listen tcp :{self.requested_port}: bind: {_bind_reason(e)}"
             ) from None
-        super().startService()
-        info("Metrics enabled", address=f":{self.requested_port}")
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
