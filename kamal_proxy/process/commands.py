@@ -7,7 +7,8 @@ Main process → worker:
 
 * :class:`ApplyRoutes` a routing change or a whole snapshot (JSON, ``routing/replication.py``);
   the answer means the worker's copy is updated.
-* :class:`TargetHealth` one target's new health (no answer).
+* :class:`TargetHealth` one target's new health (answered once applied: the main process
+  logs the change when it is in effect everywhere).
 * :class:`DrainBalancers` answers when the worker's requests on those balancers are done.
 * :class:`RetireBalancers` close those balancers' upstream connections.
 * :class:`AcmeChallenge` an http-01 token to answer (answered once the worker knows it, so
@@ -49,7 +50,7 @@ class TargetHealth(amp.Command):
         (b"target", amp.Integer()),
         (b"state", amp.Unicode()),
     ]
-    requiresAnswer = False
+    response: list = []
 
 
 class DrainBalancers(amp.Command):

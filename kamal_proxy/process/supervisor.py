@@ -8,9 +8,10 @@ a snapshot of the state (and the tokens out) before it accepts a connection.  A 
 stops answering is killed, which makes it a dead worker (and the same recovery applies).
 
 Each worker is ``python -m kamal_proxy.process.worker CONFIG`` with the listening sockets on
-fds 3 and 4 and one end of a socketpair on fd 5, where this side speaks AMP
-(``process/commands.py``).  Stdout and stderr are this process's own: request lines are
-written whole (``observe/log.py``), so they never interleave.
+fds 3 and 4, one end of a socketpair on fd 5, where this side speaks AMP
+(``process/commands.py``), and the shared round-robin positions on fd 6
+(``routing/turns.py``).  Stdout and stderr are this process's own: request lines are written
+whole (``observe/log.py``), so they never interleave.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from kamal_proxy.observe.events import info, warn
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
+from kamal_proxy.routing.turns import SharedTurns, TurnSlots
 
-HTTP_FD, HTTPS_FD, CONTROL_FD = 3, 4, 5
+HTTP_FD, HTTPS_FD, CONTROL_FD, TURNS_FD = 3, 4, 5, 6
 #: How long a worker may take to apply a change before it is replaced.
 APPLY_TIMEOUT = 30.0
 #: Extra time a worker may take beyond a drain's own timeout.
@@ -127,6 +129,7 @@ class WorkerPool(appservice.Service):
             "family": int(http.family),
             "parent": os.getpid(),
         }
+        self.slots = TurnSlots(SharedTurns.create())
         self.argv = argv or [sys.executable, "-m", "kamal_proxy.process.worker"]
         self.workers: dict[int, Worker] = {}
         self.stopping = False
@@ -206,6 +209,7 @@ class WorkerPool(appservice.Service):
                     HTTP_FD: self.http.fileno(),
                     HTTPS_FD: self.https.fileno(),
                     CONTROL_FD: theirs.fileno(),
+                    TURNS_FD: self.slots.turns.fd,
                 },
             )
         finally:
@@ -225,7 +229,7 @@ class WorkerPool(appservice.Service):
             worker,
             commands.ApplyRoutes,
             APPLY_TIMEOUT,
-            change=json.dumps(routing_snapshot(self.router)),
+            change=json.dumps(routing_snapshot(self.router, self.slots.slot_for)),
         )
         for (key, token), (name, validation) in self._challenges.items():
             self._call(
@@ -326,7 +330,7 @@ class WorkerPool(appservice.Service):
     # -- Replicas (the Router's hook) --------------------------------------------------------
 
     def publish(self, router: Any, names: list[str], removed: list[str]) -> defer.Deferred:
-        change = json.dumps(routing_change(router, names, removed))
+        change = json.dumps(routing_change(router, names, removed, self.slots.slot_for))
         return self._broadcast(commands.ApplyRoutes, APPLY_TIMEOUT, change=change)
 
     def drain(self, balancers: list[Any], drain_timeout: int) -> defer.Deferred:
@@ -338,12 +342,14 @@ class WorkerPool(appservice.Service):
         )
 
     def retire(self, balancers: list[Any]) -> None:
+        for lb in balancers:
+            self.slots.free(lb)
         self._broadcast(commands.RetireBalancers, None, balancers=[lb.id for lb in balancers])
 
-    def health(self, balancer: Any, target: Any) -> None:
-        self._broadcast(
+    def health(self, balancer: Any, target: Any) -> defer.Deferred:
+        return self._broadcast(
             commands.TargetHealth,
-            None,
+            APPLY_TIMEOUT,
             balancer=balancer.id,
             target=balancer.targets.index(target),
             state=target.state.value,

@@ -31,8 +31,9 @@ from kamal_proxy.observe.events import debug
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.process.certificates import WorkerTLS
-from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD
+from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD, TURNS_FD
 from kamal_proxy.routing.replica import RouterReplica
+from kamal_proxy.routing.turns import SharedTurns
 
 #: Time for the last answers to leave before the reactor stops.
 EXIT_GRACE = 0.05
@@ -45,7 +46,10 @@ class Worker:
         self.reactor = reactor
         self.config = config
         self.connection: WorkerConnection | None = None
-        self.router = RouterReplica(reactor, service_setup=lambda s: setup_service(s, self.tls))
+        turns = SharedTurns(TURNS_FD) if config.get("turns", True) else None
+        self.router = RouterReplica(
+            reactor, service_setup=lambda s: setup_service(s, self.tls), turns=turns
+        )
         self.tls = WorkerTLS(
             reactor,
             self.router,

@@ -30,8 +30,9 @@ class LoadBalancer:
         balancer_id: int | None = None,
     ) -> None:
         self.id = next(_ids) if balancer_id is None else balancer_id
-        #: Called with (balancer, target) after a target's health changed (replication).
-        self.on_health_change: Callable[[LoadBalancer, Target], None] | None = None
+        #: Called with (balancer, target) after a target's health changed (replication);
+        #: what it returns (a Deferred: the workers applying it) is the target's to wait for.
+        self.on_health_change: Callable[[LoadBalancer, Target], object] | None = None
         self.writers = writers
         self.readers = readers
         self.targets = writers + readers
@@ -91,10 +92,14 @@ class LoadBalancer:
             target.state = state
         self._recompute()
 
-    def _target_changed(self, target: Target) -> None:
-        self._recompute()
+    def _target_changed(self, target: Target) -> object:
+        # Told first, so that the workers hear of it before whatever the recompute sets off
+        # (a deploy waiting for health goes on at once and publishes its switch).
+        applied = None
         if self.on_health_change is not None:
-            self.on_health_change(self, target)
+            applied = self.on_health_change(self, target)
+        self._recompute()
+        return applied
 
     def _recompute(self) -> None:
         self.healthy_writers = [t for t in self.writers if t.state is TargetState.HEALTHY]

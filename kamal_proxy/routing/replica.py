@@ -24,6 +24,7 @@ from kamal_proxy.routing.pause import PauseController, PauseState
 from kamal_proxy.routing.service import Service
 from kamal_proxy.routing.table import RoutingTable
 from kamal_proxy.routing.target import Target, TargetState
+from kamal_proxy.routing.turns import SharedTurnBalancer, SharedTurns
 
 
 class RouterReplica:
@@ -34,8 +35,11 @@ class RouterReplica:
         reactor: IReactorTime,
         pool_factory: Callable | None = None,
         service_setup: Callable[[Service], None] | None = None,
+        turns: SharedTurns | None = None,
     ) -> None:
         self.reactor = reactor
+        # Round-robin positions shared with the other workers (None: each its own).
+        self.turns = turns
         self.services: dict[str, Service] = {}
         self.table: RoutingTable = RoutingTable.build([], "")
         #: Every balancer not retired yet, by the main process's id (old ones drain here).
@@ -141,13 +145,17 @@ class RouterReplica:
             topts = service.target_options
             writers = [Target(self.reactor, a, topts, self._pool_factory) for a in spec["writers"]]
             readers = [Target(self.reactor, a, topts, self._pool_factory) for a in spec["readers"]]
-            lb = LoadBalancer(
+            args = (
                 writers,
                 readers,
                 service.options.writer_affinity_timeout,
                 service.options.read_targets_accept_websockets,
-                balancer_id=spec["id"],
             )
+            slot = spec.get("slot")
+            if self.turns is not None and slot is not None:
+                lb = SharedTurnBalancer(*args, balancer_id=spec["id"], turns=self.turns, slot=slot)
+            else:
+                lb = LoadBalancer(*args, balancer_id=spec["id"])
             self.balancers[lb.id] = lb
         lb.set_states([TargetState(s) for s in spec["states"]])
         return lb

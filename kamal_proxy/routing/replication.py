@@ -14,13 +14,15 @@ of the services that changed (all of them in a worker's first copy).  A spec is:
      "active": balancer or null, "rollout": balancer or null,
      "pause": {"state": int, "message": str, "fail_after": ns}, "rollout_split": dict or null}
 
-and a balancer ``{"id": int, "writers": [addr], "readers": [addr], "states": [state]}``, where
+and a balancer ``{"id": int, "slot": int or null, "writers": [addr], "readers": [addr],
+"states": [state]}`` (``slot``: its shared round-robin position, ``routing/turns.py``), where
 the states are the targets' health (writers then readers) at the time of sending; later changes
 follow as health messages naming the balancer id and the target's index.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -46,28 +48,34 @@ class Replicas(Protocol):
     def retire(self, balancers: list[LoadBalancer]) -> None:
         """The balancers will never be used again: workers close their connections."""
 
-    def health(self, balancer: LoadBalancer, target: Target) -> None:
-        """A target's health changed."""
+    def health(self, balancer: LoadBalancer, target: Target) -> Deferred:
+        """A target's health changed; fires once every worker applied it."""
 
 
-def balancer_spec(lb: LoadBalancer | None) -> dict[str, Any] | None:
+SlotFor = Callable[["LoadBalancer"], "int | None"]
+
+
+def balancer_spec(
+    lb: LoadBalancer | None, slot_for: SlotFor | None = None
+) -> dict[str, Any] | None:
     if lb is None:
         return None
     return {
         "id": lb.id,
+        "slot": slot_for(lb) if slot_for is not None else None,
         "writers": lb.writer_addresses,
         "readers": lb.reader_addresses,
         "states": [t.state.value for t in lb.targets],
     }
 
 
-def service_spec(service: Service) -> dict[str, Any]:
+def service_spec(service: Service, slot_for: SlotFor | None = None) -> dict[str, Any]:
     pause = service.pause
     return {
         "options": service.options.to_json(),
         "target_options": service.target_options.to_json(),
-        "active": balancer_spec(service.active),
-        "rollout": balancer_spec(service.rollout),
+        "active": balancer_spec(service.active, slot_for),
+        "rollout": balancer_spec(service.rollout, slot_for),
         "pause": {
             "state": int(pause.state),
             "message": pause.stop_message,
@@ -77,18 +85,23 @@ def service_spec(service: Service) -> dict[str, Any]:
     }
 
 
-def routing_change(router: Router, names: list[str], removed: list[str]) -> dict[str, Any]:
-    """The change message for ``names`` (those still deployed) and ``removed``."""
+def routing_change(
+    router: Router, names: list[str], removed: list[str], slot_for: SlotFor | None = None
+) -> dict[str, Any]:
+    """The change message for ``names`` (those still deployed) and ``removed``; ``slot_for``
+    gives each balancer its shared round-robin slot (``routing/turns.py``)."""
     return {
         "order": list(router.services),
         "default_tls_host": router.table.default_tls_host,
         "services": {
-            name: service_spec(router.services[name]) for name in names if name in router.services
+            name: service_spec(router.services[name], slot_for)
+            for name in names
+            if name in router.services
         },
         "removed": list(removed),
     }
 
 
-def routing_snapshot(router: Router) -> dict[str, Any]:
+def routing_snapshot(router: Router, slot_for: SlotFor | None = None) -> dict[str, Any]:
     """Everything, for a worker that starts."""
-    return routing_change(router, list(router.services), [])
+    return routing_change(router, list(router.services), [], slot_for)

@@ -100,9 +100,10 @@ class Router:
         lb.on_health_change = self._health_changed
         return lb
 
-    def _health_changed(self, lb: LoadBalancer, target: Target) -> None:
+    def _health_changed(self, lb: LoadBalancer, target: Target) -> defer.Deferred | None:
         if self.replicas is not None:
-            self.replicas.health(lb, target)
+            return self.replicas.health(lb, target)
+        return None
 
     async def _publish(self, *names: str, removed: tuple[str, ...] = ()) -> None:
         """Wait until every worker applied the current state of ``names`` (and removals)."""
@@ -118,6 +119,9 @@ class Router:
 
     def _retire(self, lb: LoadBalancer) -> None:
         lb.retire()
+        self._retired(lb)
+
+    def _retired(self, lb: LoadBalancer) -> None:
         if self.replicas is not None:
             self.replicas.retire([lb])
 
@@ -234,7 +238,7 @@ class Router:
         # In-flight requests are left to finish on their own (SPEC §13.4); idle upstream
         # connections go once they are done (workers do the same with their copies).
         for lb in service.balancers():
-            self.reactor.callLater(0, retire_when_idle, self.reactor, lb)
+            self.reactor.callLater(0, retire_when_idle, self.reactor, lb, then=self._retired)
         await self._publish(removed=(name,))
 
     async def pause(self, name: str, drain_timeout: int, pause_timeout: int) -> None:

@@ -29,6 +29,10 @@ class InFlight(Protocol):
         """Answer 504 if the response has not started, else cut the connection."""
 
 
+def _log_health(address: str, new: TargetState, was: TargetState) -> None:
+    info("Target health updated", target=address, state=new.value, was=was.value)
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep:
@@ -57,7 +61,8 @@ class Target:
         self.inflight: set[InFlight] = set()
         self._idle_waiters: list[tuple[set[InFlight], defer.Deferred]] = []
         self._check: HealthCheck | None = None
-        self.on_state_change: Callable[[Target], None] | None = None
+        #: Told of every health change; may return a Deferred (the workers applying it).
+        self.on_state_change: Callable[[Target], object] | None = None
         if pool_factory is None:
             from kamal_proxy.proxy.upstream import UpstreamPool as pool_factory
         self.pool = pool_factory(reactor, self.host, self.port)
@@ -96,9 +101,12 @@ class Target:
         if new is was:
             return
         self.state = new
-        info("Target health updated", target=self.address, state=new.value, was=was.value)
-        if self.on_state_change is not None:
-            self.on_state_change(self)
+        applied = self.on_state_change(self) if self.on_state_change is not None else None
+        if isinstance(applied, defer.Deferred):
+            # With workers, the line says the change is in effect everywhere.
+            applied.addBoth(lambda _: _log_health(self.address, new, was))
+        else:
+            _log_health(self.address, new, was)
 
     def mark_healthy(self) -> None:
         """Restored targets are trusted at once (SPEC §15.3)."""
