@@ -324,6 +324,8 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
         warn("HTTP/3 is not supported by this implementation; serving HTTP/1.1 and HTTP/2")
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
+    if options.workers < 1:  # 0 (or less) asks for the default: one per usable CPU
+        options.workers = paths.default_workers()
     if options.workers > 1:
         return _main_process(options, reactor, top)
 
@@ -383,8 +385,6 @@ def run_server(options: RunOptions) -> int:
 
     log = start_logging(debug=options.debug)
     log.batch_flushes(reactor.callLater)
-    if options.workers < 1:
-        options.workers = paths.default_workers()
     try:
         top = make_service(options, reactor)
         top.privilegedStartService()

@@ -44,7 +44,7 @@ RUN_FLAGS = (
         INT,
         "workers",
         "WORKERS",
-        "Worker processes serving traffic (1 = a single process)",
+        "Processes serving traffic (one per usable CPU by default; 1 = a single process)",
     ),
     RunFlag(
         "acme-directory",
