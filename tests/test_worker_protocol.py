@@ -281,6 +281,11 @@ class WritePolicyTests(unittest.TestCase):
             line_batches(["a\n", long_line, "b\n"]), [b"a\n", long_line.encode(), b"b\n"]
         )
 
+    def test_undecodable_text_never_stops_a_write(self) -> None:
+        # Raw bytes kept as surrogates go out as they came; other lone surrogates become U+FFFD.
+        expected = b"a\xff\nb" + "\ufffd".encode() * 3 + b"\n"
+        self.assertEqual(line_batches(["a\udcff\n", "b\ud800\n"]), [expected])
+
     def test_writes_to_a_pipe_are_whole_lines(self) -> None:
         read_fd, write_fd = os.pipe()
         self.addCleanup(os.close, read_fd)

@@ -289,7 +289,7 @@ def line_batches(lines: Iterable[str], limit: int = PIPE_BUF) -> list[bytes]:
     current: list[bytes] = []
     size = 0
     for line in lines:
-        data = line.encode("utf-8", "surrogateescape")
+        data = _encode(line)
         if current and size + len(data) > limit:
             batches.append(b"".join(current))
             current, size = [], 0
@@ -298,6 +298,14 @@ def line_batches(lines: Iterable[str], limit: int = PIPE_BUF) -> list[bytes]:
     if current:
         batches.append(b"".join(current))
     return batches
+
+
+def _encode(line: str) -> bytes:
+    try:
+        # Raw bytes a decoder kept as surrogates go out as they came in.
+        return line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
 
 
 def write_lines(stream: IO[str], lines: list[str]) -> None:
