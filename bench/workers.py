@@ -11,7 +11,7 @@ Two questions of the issue "Every core serves", answered in one run on the share
 Each configuration is measured ``--reps`` times in turn (interleaved, so a noisy neighbour
 hits them alike); the table shows medians.  Usage::
 
-    python bench/workers.py [--duration 8] [--reps 3] [--workdir DIR]
+    python bench/workers.py [--duration 8] [--reps 3] [--workdir DIR] [--baseline CMD]
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--kamal", default=benchlib.default_kamal())
+    ap.add_argument(
+        "--baseline",
+        help="another kamal-proxy command (e.g. an install of main) measured as one process",
+    )
     opts = ap.parse_args(argv)
     benchlib.require_tools("wrk", "nginx")
     benchlib.install_signal_handlers()
@@ -55,6 +59,8 @@ def main(argv: list[str]) -> int:
         "kamal-w1": (pb.KamalProxy(ctx, "kamal-w1", opts.kamal), "--workers 1"),
         "kamal-w2": (pb.KamalProxy(ctx, "kamal-w2", opts.kamal), "--workers 2"),
     }
+    if opts.baseline:
+        configs["baseline"] = (pb.KamalProxy(ctx, "baseline", opts.baseline), "")
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     try:
         for rep in range(opts.reps):
@@ -98,6 +104,9 @@ def main(argv: list[str]) -> int:
     cpu_ratio = median("kamal-w2", "cpu_ms_per_1k") / median("kamal-w1", "cpu_ms_per_1k")
     print(f"default workers / nginx-auto throughput: {default_ratio:.2f}x (bar: >= 0.25x)")
     print(f"CPU per request, 2 workers / 1 worker:   {cpu_ratio:.2f}x (bar: <= 1.1x)")
+    if opts.baseline:
+        base = median("kamal-w1", "cpu_ms_per_1k") / median("baseline", "cpu_ms_per_1k")
+        print(f"CPU per request, 1 worker / baseline:    {base:.2f}x")
     return 0
 
 
