@@ -26,6 +26,7 @@ from twisted.internet.task import deferLater
 
 from kamal_proxy import options as paths
 from kamal_proxy.control.server import ControlProtocol
+from kamal_proxy.limits import raise_open_files_limit
 from kamal_proxy.observe.events import debug, error, info, warn
 from kamal_proxy.options import RunOptions
 from kamal_proxy.routing.router import Router, RouterError
@@ -301,6 +302,7 @@ class DataPlane:
 
 
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
+    raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor
     from kamal_proxy.tls.certificates import TLS

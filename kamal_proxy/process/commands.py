@@ -28,7 +28,12 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
-from kamal_proxy.control.commands import BigUnicode
+from kamal_proxy.control import wire
+
+
+def BigUnicode() -> amp.Argument:  # noqa: N802 - reads like the other argument types
+    """Text of any length, as the control contract sends it (``control/wire.py``)."""
+    return wire.BigUnicode().amp()
 
 
 class WorkerError(Exception):
