@@ -149,7 +149,12 @@ class WorkerPool(appservice.Service):
         super().startService()
         self.config["parent"] = os.getpid()
         for index in range(self.count):
-            self._spawn(index)
+            try:
+                self._spawn(index)
+            except OSError as e:
+                from kamal_proxy.app import StartupError
+
+                raise StartupError(f"start worker: {e}") from None
 
     def when_serving(self) -> defer.Deferred[None]:
         """Fires once every worker of the first generation serves."""
@@ -287,7 +292,11 @@ class WorkerPool(appservice.Service):
 
     def _respawn(self, index: int) -> None:
         if self.running and not self.stopping and index not in self.workers:
-            self._spawn(index)
+            try:
+                self._spawn(index)
+            except OSError as e:
+                log_error("Unable to start worker", worker=index, error=str(e))
+                self.reactor.callLater(MAX_RESPAWN_DELAY, self._respawn, index)
 
     # -- talking to workers ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 from tests.integration.support import (
+    IT_WORKERS,
     IntegrationTestCase,
     ProxyProcess,
     eventually,
@@ -217,7 +218,15 @@ class TwistdPrivilegesTests(IntegrationTestCase):
         except KeyError:
             self.skipTest("no user nobody")
         port = _free_privileged_port()
-        proxy = _TwistdAs(nobody.pw_uid, nobody.pw_gid, http_port=port)
+        # Workers are started after the switch, so the interpreter must be one nobody may run
+        # (it is not when Python lives under a private home, as on some build machines).
+        workers = IT_WORKERS if _runnable_by_others(sys.executable) else 1
+        proxy = _TwistdAs(
+            nobody.pw_uid,
+            nobody.pw_gid,
+            http_port=port,
+            env={"KAMAL_PROXY_WORKERS": str(workers)},
+        )
         self.addCleanup(proxy.cleanup)
         for path in (proxy.root, proxy.home, proxy.socket_dir):
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
@@ -243,6 +252,20 @@ class _TwistdAs(TwistdProxyProcess):
     def command(self) -> list[str]:
         base = super().command()
         return [base[0], "-u", str(self.uid), "-g", str(self.gid), *base[1:]]
+
+
+def _runnable_by_others(path: str) -> bool:
+    real = os.path.realpath(path)
+    if not os.stat(real).st_mode & 0o001:
+        return False
+    directory = os.path.dirname(real)
+    while True:
+        if not os.stat(directory).st_mode & 0o001:
+            return False
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return True
+        directory = parent
 
 
 def _free_privileged_port() -> int:
