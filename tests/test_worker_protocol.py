@@ -145,7 +145,8 @@ class WireTests(unittest.TestCase):
         self.pump.flush()
         snapshots = self.successResultOf(collected)
         total = Metrics.total(snapshots)
-        self.assertEqual(total.snapshot(), self.metrics.snapshot())
+        self.assertEqual(total.snapshot(process=False), self.metrics.snapshot(process=False))
+        self.assertIn("process_cpu_seconds_total", snapshots[-1]["process"])
 
     def test_tokens_are_answered_before_the_ca_is_told(self) -> None:
         issuer = SimpleNamespace(key="https://ca/dir /cache")
@@ -266,6 +267,44 @@ class MetricsSumTests(unittest.TestCase):
         departed = Metrics()
         departed.add(two.snapshot(), gauges=False)
         self.assertEqual(departed.snapshot()["inflight"], [])
+
+
+class ProcessSeriesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        if not os.path.exists("/proc/self/stat"):
+            raise unittest.SkipTest("prometheus_client reads the process_* series from /proc")
+
+    def test_workers_cpu_memory_and_fds_add_up(self) -> None:
+        worker = {
+            "requests": [],
+            "inflight": [],
+            "process": {
+                "process_cpu_seconds_total": 100.0,
+                "process_open_fds": 1000.0,
+                "process_resident_memory_bytes": 5e9,
+                "process_max_fds": 7.0,  # not summed: never sent, ignored if it were
+            },
+        }
+        own = Metrics().process_values()
+        total = Metrics.total([worker])
+        values = total.process_values()
+        self.assertGreaterEqual(
+            values["process_cpu_seconds_total"], own["process_cpu_seconds_total"] + 100
+        )
+        self.assertGreater(values["process_open_fds"], 1000)
+        self.assertGreater(values["process_resident_memory_bytes"], 5e9)
+        text = total.exposition()[0].decode()
+        line = [x for x in text.splitlines() if x.startswith("process_resident_memory_bytes ")]
+        self.assertGreater(float(line[0].split()[1]), 5e9)
+        max_fds = [x for x in text.splitlines() if x.startswith("process_max_fds ")]
+        self.assertNotEqual(float(max_fds[0].split()[1]), 7.0)
+
+    def test_a_gone_worker_keeps_only_its_cpu_time(self) -> None:
+        departed = Metrics(process=False)
+        departed.add(
+            {"process": {"process_cpu_seconds_total": 3.5, "process_open_fds": 9.0}}, gauges=False
+        )
+        self.assertEqual(departed.snapshot()["process"], {"process_cpu_seconds_total": 3.5})
 
 
 class WritePolicyTests(unittest.TestCase):

@@ -51,6 +51,17 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Go spells the bounds "1", "10" (not "1.0").
 _BUCKET_LABELS = tuple(f"{b:g}" for b in BUCKETS) + ("+Inf",)
 
+CPU_SERIES = "process_cpu_seconds_total"
+#: The process_* series that add up over processes.
+SUMMED_PROCESS_SERIES = frozenset(
+    {
+        CPU_SERIES,
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    }
+)
+
 _KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE")
 _METHODS: dict[Any, str] = {m: m for m in _KNOWN_METHODS}
 _METHODS.update({m.encode("ascii"): m for m in _KNOWN_METHODS})
@@ -92,13 +103,17 @@ class InFlight:
 class Metrics:
     """The three request metrics of SPEC §18, with series created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: bool = True) -> None:
         self._requests: dict[tuple[str, Any, int], _Requests] = {}
         self._inflight: dict[str, InFlight] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
-        # The standard process_* series (CPU, memory, open fds...), as the Go original exports.
-        ProcessCollector(registry=self.registry)
+        # The standard process_* series (CPU, memory, open fds...), as the Go original exports:
+        # this process's, plus those of the other processes added (workers), summed.
+        self._process = ProcessCollector(registry=None) if process else None
+        self._other_processes: list[dict[str, float]] = []
+        if process:
+            self.registry.register(_ProcessSum(self))
 
     def observe(self, service: str, method: bytes | str, status: int, duration_s: float) -> None:
         """Count one finished request and its duration (at the time it is logged)."""
@@ -132,13 +147,31 @@ class Metrics:
 
     # -- summing over processes -------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every series as plain JSON data (a worker's answer to the main process's scrape)."""
+    def snapshot(self, process: bool = True) -> dict[str, Any]:
+        """Every series as plain JSON data (a worker's answer to the main process's scrape);
+        with ``process``, the summable process_* values too."""
         series = {id(s): s for s in self._requests.values()}.values()
-        return {
+        out: dict[str, Any] = {
             "requests": [[*s.labels, list(s.buckets), s.count, s.sum] for s in series],
             "inflight": [[g.service, g.value] for g in self._inflight.values()],
         }
+        if process:
+            out["process"] = self.process_values()
+        return out
+
+    def process_values(self) -> dict[str, float]:
+        """The summable process_* values of this process and of those added to it."""
+        values: dict[str, float] = {}
+        if self._process is not None:
+            for family in self._process.collect():
+                for sample in family.samples:
+                    if sample.name in SUMMED_PROCESS_SERIES:
+                        values[sample.name] = sample.value
+        for other in self._other_processes:
+            for name, value in other.items():
+                if name in SUMMED_PROCESS_SERIES:
+                    values[name] = values.get(name, 0.0) + value
+        return values
 
     def add(self, snapshot: dict[str, Any], gauges: bool = True) -> None:
         """Add another process's ``snapshot`` to these series: counters and histograms add,
@@ -156,6 +189,11 @@ class Metrics:
         if gauges:
             for service, value in snapshot.get("inflight", ()):
                 self.inflight(service).value += value
+        process = snapshot.get("process")
+        if process:
+            if not gauges:  # a process that is gone keeps only its CPU time (a counter)
+                process = {CPU_SERIES: process.get(CPU_SERIES, 0.0)}
+            self._other_processes.append(dict(process))
 
     @classmethod
     def total(cls, snapshots: list[dict[str, Any]]) -> Metrics:
@@ -196,6 +234,28 @@ class Metrics:
             yield gauge
 
 
+class _ProcessSum:
+    """prometheus_client's process_* families for this process, with the other processes'
+    CPU time, memory and open descriptors added (start time and fd limit stay this one's)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        others = self.metrics._other_processes
+        for family in self.metrics._process.collect():
+            if others:
+                family.samples = [
+                    sample._replace(
+                        value=sample.value + sum(o.get(sample.name, 0.0) for o in others)
+                    )
+                    if sample.name in SUMMED_PROCESS_SERIES
+                    else sample
+                    for sample in family.samples
+                ]
+            yield family
+
+
 class _Collector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -230,7 +290,9 @@ class MetricsResource(resource.Resource):
         d = self.gather()
 
         def answer(snapshots: list[dict[str, Any]]) -> None:
-            body = self._answer(request, Metrics.total([self.metrics.snapshot(), *snapshots]))
+            # This process's own process_* come from the total's collector (it is this one).
+            mine = self.metrics.snapshot(process=False)
+            body = self._answer(request, Metrics.total([mine, *snapshots]))
             if not request._disconnected:
                 request.write(body)
                 request.finish()

@@ -137,7 +137,7 @@ class WorkerPool(appservice.Service):
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._ready_waiters: list[defer.Deferred] = []
         #: Counts of workers that are gone (their gauges are not kept).
-        self._departed = Metrics()
+        self._departed = Metrics(process=False)
         #: http-01 tokens out: (issuer key, token) -> (name, key authorization)
         self._challenges: dict[tuple[str, str], tuple[str, str]] = {}
         router.replicas = self

@@ -199,6 +199,10 @@ class WorkersTests(IntegrationTestCase):
             return values[0] if values else 0.0
 
         eventually(lambda: count() == 30.0, timeout=5)
+        # process_* add up too: the open descriptors are more than the main process's own.
+        text = http_request(metrics_port, "GET", "/metrics").text
+        fds = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("process_open_fds")]
+        self.assertGreater(fds[0], len(os.listdir(f"/proc/{proxy.proc.pid}/fd")) + 5)
         # Every request logged once, by the worker that served it.
         eventually(lambda: len(proxy.logs("Request", service="counted")) == 30, timeout=5)
 
