@@ -217,6 +217,9 @@ class WorkerPool(appservice.Service):
                     TURNS_FD: self.slots.turns.fd,
                 },
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             os.close(stdin)
             theirs.close()
