@@ -5,10 +5,12 @@ says; the rest of the suite runs once with 1 and once with 2 (``make test``)."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pwd
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +25,18 @@ from tests.integration.support import (
 )
 from tests.integration.test_twistd import TwistdProxyProcess
 from tests.integration.traffic_support import Background
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop one process we started, by its PID (SIGTERM, bounded wait, then SIGKILL)."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    proc.stdout.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -182,6 +196,71 @@ class WorkersTests(IntegrationTestCase):
         refused = socket.socket()
         self.addCleanup(refused.close)
         self.assertNotEqual(refused.connect_ex(("127.0.0.1", proxy.http_port)), 0)
+
+    def test_request_lines_never_interleave(self):
+        """Long request lines (about 3.5 KB) from two workers into a stdout pipe that is read
+        slowly, so that it is often full: every line arrives whole."""
+        proxy = ProxyProcess(env={"KAMAL_PROXY_WORKERS": "2"})
+        self.addCleanup(proxy.cleanup)
+        proc = subprocess.Popen(
+            proxy.command() + proxy.run_args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=proxy.env,
+            cwd=proxy.root,
+        )
+        self.addCleanup(_stop, proc)
+        received = bytearray()
+        reading = threading.Event()
+
+        def slow_reader() -> None:
+            fd = proc.stdout.fileno()
+            while True:
+                chunk = os.read(fd, 700)
+                if not chunk:
+                    break
+                received.extend(chunk)
+                if reading.is_set():
+                    time.sleep(0.002)
+
+        reader = threading.Thread(target=slow_reader, daemon=True)
+        reader.start()
+        eventually(lambda: b'"Server started"' in received, timeout=30)
+        up = self.upstream("lines")
+        proxy.cli_ok("deploy", "lines", "--target", up.addr, "--log-request-header", "X-Big")
+        big = "b" * 3000
+        errors: list[BaseException] = []
+
+        def client(n: int) -> None:
+            try:
+                for _ in range(n):
+                    resp = http_request(proxy.http_port, "GET", "/", headers={"X-Big": big})
+                    assert resp.status == 200, resp
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        reading.set()
+        threads = [threading.Thread(target=client, args=(40,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        self.assertEqual(errors, [])
+        reading.clear()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+        reader.join(10)
+        records, bad = [], []
+        for line in bytes(received).decode("utf-8", "replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                bad.append(line[:200])
+        self.assertEqual(bad, [])
+        lines = [r for r in records if r.get("msg") == "Request" and r.get("service") == "lines"]
+        self.assertEqual(len(lines), 320)
+        self.assertEqual({r["req_x_big"] for r in lines}, {big})
 
     def test_metrics_are_summed_over_workers(self):
         metrics_port = free_port()
