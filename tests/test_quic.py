@@ -371,7 +371,12 @@ class GoawayTests(unittest.TestCase):
         stream_id = h.client.get_next_available_stream_id()
         h.h3.send_headers(
             stream_id,
-            [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"u"), (b":path", b"/")],
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", b"u"),
+                (b":path", b"/"),
+            ],
         )
         h.h3.send_data(stream_id, b"partial", end_stream=False)
         h.pump()

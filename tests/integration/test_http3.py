@@ -16,9 +16,18 @@ import socket
 import threading
 import time
 
+from twisted.trial import unittest
+
 from tests.h3client import H3Client, H3Error, h3_request
-from tests.integration.pebble import cert_pem, key_pem, make_ca, make_leaf
-from tests.integration.support import IntegrationTestCase, eventually
+from tests.integration.pebble import (
+    PebbleServer,
+    cert_pem,
+    key_pem,
+    make_ca,
+    make_leaf,
+    pebble_available,
+)
+from tests.integration.support import IntegrationTestCase, ProxyProcess, eventually
 from tests.integration.test_tls import h2_request, https_get
 from tests.integration.upstream_app import pattern_bytes
 
@@ -292,3 +301,34 @@ class WithoutHttp3(IntegrationTestCase):
         self.assertTrue(udp_port_free(proxy.https_port))
         with self.assertRaises(H3Error):
             H3Client(proxy.https_port, "localhost", certs.cadata, timeout=1)
+
+
+class Http3Acme(IntegrationTestCase):
+    """An ACME certificate from Pebble: the first HTTP/3 handshake waits for its issuance."""
+
+    def test_acme_certificate_over_http3(self):
+        if not pebble_available():
+            raise unittest.SkipTest("pebble is not installed (apt-get install pebble)")
+        proxy = ProxyProcess(["--http3"])
+        self.addCleanup(proxy.cleanup)
+        pebble = PebbleServer(proxy.http_port)
+        self.addCleanup(pebble.cleanup)
+        pebble.start()
+        proxy.extra_args += [
+            "--acme-directory",
+            pebble.directory_url,
+            "--acme-ca-bundle",
+            pebble.ca_path,
+        ]
+        proxy.start()
+        root = pebble.root_pem().decode()
+        app = self.upstream("acme")
+        self.deploy("app", app.addr, "--host", "acme.h3.test", "--tls", proxy=proxy)
+        # No TCP connection first: the QUIC handshake itself waits for the certificate.
+        with H3Client(proxy.https_port, "acme.h3.test", root, timeout=20) as client:
+            self.assertEqual(common_name(client.peer_certificate), "acme.h3.test")
+            response = client.request(path="/")
+        self.assertEqual((response.status, response.body), (200, b"acme"))
+        self.assertEqual(len(proxy.logs("ACME: certificate obtained")), 1)
+        status, headers, _ = https_get(proxy.https_port, "acme.h3.test", root)
+        self.assertEqual(headers.get("Alt-Svc"), f'h3=":{proxy.https_port}"; ma=2592000')
