@@ -229,6 +229,36 @@ class EndpointRoutingTests(unittest.TestCase):
         self.assertEqual(h.terminated.error_code, 0x100 + quic_module.ALERT_UNRECOGNIZED_NAME)
         self.assertEqual(h.endpoint.sessions, {})
 
+    def test_client_hello_over_several_datagrams(self):
+        # Many ALPN offers make the ClientHello span Initial datagrams (as post-quantum key
+        # shares do for browsers): the server name is read once all the pieces are in.
+        h = Harness()
+        h.client._configuration.alpn_protocols = ["h3"] + [
+            f"x-{i:03}" + "p" * 200 for i in range(20)
+        ]
+        h.client.connect(CLIENT, now=h.clock.seconds())
+        datagrams = h.client.datagrams_to_send(now=h.clock.seconds())
+        self.assertGreater(len(datagrams), 1)
+        h.endpoint.datagramReceived(datagrams[0][0], CLIENT)
+        self.assertEqual((len(h.endpoint.pending), h.endpoint.sessions), (1, {}))
+        for data, _ in datagrams[1:]:
+            h.endpoint.datagramReceived(data, CLIENT)
+        h.pump()
+        self.assertIsNotNone(h.h3)
+        self.assertEqual(h.certificates.names, ["unit.test"])
+
+    def test_an_incomplete_client_hello_is_forgotten(self):
+        h = Harness()
+        h.client._configuration.alpn_protocols = ["h3"] + [
+            f"x-{i:03}" + "p" * 200 for i in range(20)
+        ]
+        h.client.connect(CLIENT, now=h.clock.seconds())
+        first = h.client.datagrams_to_send(now=h.clock.seconds())[0][0]
+        h.endpoint.datagramReceived(first, CLIENT)
+        self.assertEqual(len(h.endpoint.pending), 1)
+        h.clock.advance(quic_module.PEEK_TIMEOUT)
+        self.assertEqual((h.endpoint.pending, h.clock.getDelayedCalls()), ({}, []))
+
     def test_handshake_waits_for_the_certificate_without_blocking(self):
         certificates = Certificates()
         certificates.waiting = defer.Deferred()

@@ -225,13 +225,14 @@ class H3Request:
         if self.ended or self.gone or self.started:
             return
         self.started = True
-        self.session.send_headers(self.stream_id, [(b":status", b"%d" % status), *headers])
+        self._send(self.session.send_headers, [(b":status", b"%d" % status), *headers])
 
     def data(self, data: bytes) -> None:
         if self.ended or self.gone or not data:
             return
         session = self.session
-        session.send_data(self.stream_id, data, False)
+        if not self._send(session.send_data, data, False):
+            return
         if (
             self._producer is not None
             and not self._producer_paused
@@ -246,7 +247,7 @@ class H3Request:
         if self.ended or self.gone:
             return
         self.ended = True
-        self.session.send_data(self.stream_id, b"", True)
+        self._send(self.session.send_data, b"", True)
         self.session.request_ended(self)
 
     def abort(self) -> None:
@@ -266,6 +267,18 @@ class H3Request:
         self._producer = None
         self.session.paused.discard(self)
 
+    def _send(self, send: Callable[..., None], *args: Any) -> bool:
+        """Write to the stream; a stream the client already reset makes the request gone
+        (told on the next reactor turn, not inside the caller's write)."""
+        try:
+            send(self.stream_id, *args)
+            return True
+        except Exception:  # noqa: BLE001 - e.g. reset by STOP_SENDING in the same batch
+            self.ended = True
+            self.session.request_ended(self)
+            self.session.reactor.callLater(0, self._client_gone)
+            return False
+
     # -- for the session and the body
 
     def _maybe_resume(self) -> bool:
@@ -280,7 +293,7 @@ class H3Request:
         return False
 
     def _client_gone(self) -> None:
-        if self.gone or self.ended:
+        if self.gone or (self.ended and self.on_gone is None):
             self.gone = True
             self.body._fail(RequestAborted("stream reset"))
             return

@@ -68,6 +68,8 @@ CONNECTION_WINDOW = 4 << 20
 HANDSHAKE_WAIT = 30.0
 #: Handshakes being peeked or waiting for a certificate at once; more Initials are dropped.
 MAX_PENDING = 256
+#: A ClientHello still incomplete after this long is forgotten (its slot freed).
+PEEK_TIMEOUT = 10.0
 #: Datagrams kept per pending handshake (the ClientHello and a few retransmissions).
 MAX_PENDING_DATAGRAMS = 8
 #: A ClientHello larger than this is not one we will parse.
@@ -501,9 +503,10 @@ class QuicEndpoint(DatagramProtocol):
             if not self.accepting or len(self.pending) >= MAX_PENDING:
                 return
             peek = self.pending[dcid] = InitialPeek(header.version, dcid, header.source_cid)
+            peek.timer = self.reactor.callLater(PEEK_TIMEOUT, self._expire, peek)
         peek.add(data, addr)
         if peek.failed:
-            del self.pending[dcid]
+            self._drop(peek)
             return
         if peek.hello is None or peek.waiting is not None:
             return
@@ -517,19 +520,35 @@ class QuicEndpoint(DatagramProtocol):
             self._accept(peek)
             return
         peek.waiting = ready
-        peek.timer = self.reactor.callLater(self.handshake_wait, ready.cancel)
+        if peek.timer is not None and peek.timer.active():
+            peek.timer.reset(self.handshake_wait)
         ready.addBoth(self._ready, peek)
 
-    def _ready(self, result: Any, peek: InitialPeek) -> None:
+    def _expire(self, peek: InitialPeek) -> None:
+        """A ClientHello that never completed, or a certificate that took too long."""
+        peek.timer = None
+        if self.pending.get(peek.dcid) is not peek:
+            return
+        if peek.waiting is not None:
+            peek.waiting.cancel()  # the handshake goes on with what there is (or is refused)
+        else:
+            del self.pending[peek.dcid]
+
+    def _drop(self, peek: InitialPeek) -> None:
         if peek.timer is not None and peek.timer.active():
             peek.timer.cancel()
+        peek.timer = None
+        if self.pending.get(peek.dcid) is peek:
+            del self.pending[peek.dcid]
+
+    def _ready(self, result: Any, peek: InitialPeek) -> None:
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             _log.debug("HTTP/3: no certificate: {error}", error=str(result.value))
         if self.pending.get(peek.dcid) is peek:
             self._accept(peek)
 
     def _accept(self, peek: InitialPeek) -> None:
-        del self.pending[peek.dcid]
+        self._drop(peek)
         if not self.accepting:
             return
         assert peek.hello is not None
@@ -580,7 +599,7 @@ class QuicEndpoint(DatagramProtocol):
         for peek in list(self.pending.values()):
             if peek.waiting is not None:
                 peek.waiting.cancel()
-        self.pending.clear()
+            self._drop(peek)
 
     def close_all(self, error_code: int = QuicErrorCode.NO_ERROR) -> None:
         for session in self.live_sessions():
