@@ -31,6 +31,7 @@ class H3Response:
     body: bytes = b""
     ended: bool = False
     reset: int | None = None
+    chunks: list[bytes] = field(default_factory=list, repr=False)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -103,7 +104,9 @@ class H3Client:
         wait = deadline - now
         if timer is not None:
             wait = min(wait, timer - now)
-        readable, _, _ = select.select([self.sock], [], [], max(0.0, wait))
+        # At least a millisecond: aioquic's pacing timer can sit a microsecond ahead, and
+        # spinning on it would starve the server of the CPU it shares with this client.
+        readable, _, _ = select.select([self.sock], [], [], max(0.001, wait))
         if readable:
             for _ in range(256):
                 try:
@@ -139,7 +142,7 @@ class H3Client:
                             response.headers.append((name.decode(), value.decode()))
                     response.ended = response.ended or h3_event.stream_ended
                 elif isinstance(h3_event, DataReceived) and response is not None:
-                    response.body += h3_event.data
+                    response.chunks.append(h3_event.data)  # joined once, at the end
                     response.ended = response.ended or h3_event.stream_ended
             if isinstance(event, events.StreamDataReceived) and event.stream_id == 3:
                 self._control += event.data
@@ -191,6 +194,8 @@ class H3Client:
         if response.reset is not None:
             raise H3Error(f"stream reset by the server: {response.reset:#x}")
         del self.responses[stream_id]
+        response.body = b"".join(response.chunks)
+        response.chunks = []
         return response
 
     def wait_closed(self, timeout: float | None = None) -> events.ConnectionTerminated:
