@@ -417,3 +417,17 @@ class GoawayTests(unittest.TestCase):
         h.pump()
         self.assertEqual(len(gone), 1)
         self.assertEqual(h.session().requests, {})
+
+
+class BindUdpTests(unittest.TestCase):
+    def test_one_socket_per_worker_with_reuse_port(self):
+        from kamal_proxy.proxy.http3 import bind_udp
+
+        first = bind_udp(0, reuse_port=True)
+        self.addCleanup(first.close)
+        port = first.getsockname()[1]
+        second = bind_udp(port, reuse_port=True)
+        self.addCleanup(second.close)
+        self.assertEqual(second.getsockname()[1], port)
+        with self.assertRaises(OSError):
+            bind_udp(port).close()
