@@ -27,8 +27,15 @@ from tests.integration.pebble import (
     make_leaf,
     pebble_available,
 )
-from tests.integration.support import IntegrationTestCase, ProxyProcess, eventually
+from tests.integration.support import (
+    IntegrationTestCase,
+    ProxyProcess,
+    eventually,
+    free_port,
+    http_request,
+)
 from tests.integration.test_tls import h2_request, https_get
+from tests.integration.traffic_support import parse_metrics, sample
 from tests.integration.upstream_app import pattern_bytes
 
 MIB = 1 << 20
@@ -75,7 +82,8 @@ class Http3EndToEnd(IntegrationTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.proxy = self.start_proxy("--http3")
+        self.metrics_port = free_port()
+        self.proxy = self.start_proxy("--http3", "--metrics-port", str(self.metrics_port))
         self.certs = StaticCertificates(self.proxy.root)
         self.app = self.upstream("h3app")
 
@@ -114,6 +122,12 @@ class Http3EndToEnd(IntegrationTestCase):
         sock_protocol, status, body = h2_request(proxy.https_port, "localhost", self.certs.cadata)
         self.assertEqual((sock_protocol, status, body), ("h2", 200, b"h3app"))
 
+        def served() -> float | None:
+            text = http_request(self.metrics_port, "GET", "/metrics").text
+            total = "kamal_proxy_http_requests_total"
+            return sample(parse_metrics(text), total, service="app", method="GET", status="200")
+
+        before = served()
         mark = proxy.log_mark()
         response = h3_request(proxy.https_port, "localhost", self.certs.cadata, path="/echo?q=1")
         self.assertEqual(response.status, 200)
@@ -130,10 +144,9 @@ class Http3EndToEnd(IntegrationTestCase):
         )
         self.assertEqual((record["service"], record["query"]), ("app", "q=1"))
         self.assertEqual(record["client_addr"], "127.0.0.1")
+        self.assertEqual(served(), before + 1)  # counted in the metrics like any request
 
         # Plain HTTP never advertises h3 (the service redirects to HTTPS here).
-        from tests.integration.support import http_request
-
         response = http_request(proxy.http_port, "GET", "/", host="localhost")
         self.assertEqual(response.status, 301)
         self.assertFalse(response.has_header("Alt-Svc"))
