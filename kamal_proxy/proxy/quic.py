@@ -449,9 +449,6 @@ class QuicEndpoint(DatagramProtocol):
 
     # -- routing
 
-    def live_sessions(self) -> set[QuicSession]:
-        return set(self.sessions.values())
-
     def register(self, cid: bytes, session: QuicSession) -> None:
         self.sessions[cid] = session
 
@@ -600,7 +597,3 @@ class QuicEndpoint(DatagramProtocol):
             if peek.waiting is not None:
                 peek.waiting.cancel()
             self._drop(peek)
-
-    def close_all(self, error_code: int = QuicErrorCode.NO_ERROR) -> None:
-        for session in self.live_sessions():
-            session.close_now(error_code)
