@@ -190,6 +190,47 @@ class ListeningSocket(appservice.Service):
             self.socket = None
 
 
+class DatagramSockets(appservice.Service):
+    """``count`` UDP sockets on one port (``SO_REUSEPORT``), one per worker, for HTTP/3; opened
+    in ``privilegedStartService`` and held by this process for the workers' lifetimes."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.requested_port = port
+        self.count = count
+        self.sockets: list[socket.socket] = []
+
+    def fileno(self, index: int) -> int:
+        return self.sockets[index].fileno()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.sockets:
+            self._open()
+
+    def _open(self) -> None:
+        from kamal_proxy.proxy.http3 import bind_udp
+
+        try:
+            for _ in range(self.count):
+                self.sockets.append(bind_udp(self.requested_port, reuse_port=True))
+        except OSError as e:
+            for s in self.sockets:
+                s.close()
+            self.sockets = []
+            reason = _reason(neterror.CannotListenError("", self.requested_port, e))
+            raise StartupError(f"listen udp :{self.requested_port}: bind: {reason}") from None
+
+    def stopService(self):
+        super().stopService()
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+
+
 class GracefulShutdown(appservice.Service):
     """Lets requests in flight finish for up to 10 seconds, then closes what is left."""
 
@@ -294,6 +335,7 @@ class DataPlane:
         )
         self.tracker = http_resource.tracker
         https_resource.tracker = self.tracker
+        self.https_resource = https_resource
         self.http_site = make_site(http_resource, reactor)
         self.https_site = make_site(https_resource, reactor)
         # TLS, when wanted, is inside the factory (it reads the ClientHello first).
@@ -321,9 +363,6 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     top.tls = tls
 
     RestoreState(router, options.state_path).setServiceParent(top)
-    if options.http3:
-        # Honest about it: no QUIC stack here, so no UDP listener and no Alt-Svc header.
-        warn("HTTP/3 is not supported by this implementation; serving HTTP/1.1 and HTTP/2")
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
     if options.workers < 1:  # 0 (or less) asks for the default: one per usable CPU
@@ -349,6 +388,8 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     https = Listener(reactor, options.https_port, plane.https_factory)
     http.setServiceParent(top)
     https.setServiceParent(top)
+    if options.http3:
+        _add_http3(top, reactor, options.https_port, tls, plane.https_site, plane.https_resource)
     ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)
     Announce(reactor, http, https).setServiceParent(top)
     return top
@@ -361,7 +402,10 @@ def _main_process(options: RunOptions, reactor, top: ProxyService) -> ProxyServi
 
     http = ListeningSocket(options.http_port)
     https = ListeningSocket(options.https_port)
-    pool = WorkerPool(reactor, options, top.router, top.tls, http, https)
+    # HTTP/3: one UDP socket per worker on the HTTPS port, kept here so that a replaced
+    # worker gets the same one (and no other worker's connections move).
+    udp = DatagramSockets(options.https_port, options.workers) if options.http3 else None
+    pool = WorkerPool(reactor, options, top.router, top.tls, http, https, udp=udp)
     top.workers = pool
     if options.metrics_port:
         from kamal_proxy.observe.metrics import Metrics, MetricsService
@@ -373,10 +417,29 @@ def _main_process(options: RunOptions, reactor, top: ProxyService) -> ProxyServi
         debug("Metrics server disabled")
     http.setServiceParent(top)
     https.setServiceParent(top)
+    if udp is not None:
+        udp.setServiceParent(top)
     pool.setServiceParent(top)
     ControlSocket(reactor, paths.socket_path(), top.router).setServiceParent(top)
     Announce(reactor, http, https, ready=pool.when_serving).setServiceParent(top)
     return top
+
+
+def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
+    """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
+    from kamal_proxy.proxy.alt_svc import alt_svc_request
+    from kamal_proxy.proxy.http3 import Http3Server
+    from kamal_proxy.proxy.http3_bridge import Http3Bridge
+    from kamal_proxy.proxy.http3_listener import Http3Listener
+
+    https_site.requestFactory = alt_svc_request(port)
+    server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
+    Http3Listener(
+        reactor,
+        port,
+        server,
+        lambda e: StartupError(f"listen udp :{port}: bind: {_reason(e)}"),
+    ).setServiceParent(top)
 
 
 def run_server(options: RunOptions) -> int:

@@ -9,9 +9,10 @@ stops answering is killed, which makes it a dead worker (and the same recovery a
 
 Each worker is ``python -m kamal_proxy.process.worker CONFIG`` with the listening sockets on
 fds 3 and 4, one end of a socketpair on fd 5, where this side speaks AMP
-(``process/commands.py``), and the shared round-robin positions on fd 6
-(``routing/turns.py``).  Stdout and stderr are this process's own: request lines are written
-whole (``observe/log.py``), so they never interleave.
+(``process/commands.py``), the shared round-robin positions on fd 6 (``routing/turns.py``)
+and, with ``--http3``, its own UDP socket on fd 7 (the same one for its replacement).  Stdout
+and stderr are this process's own: request lines are written whole (``observe/log.py``), so
+they never interleave.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kamal_proxy.process import commands
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
 
-HTTP_FD, HTTPS_FD, CONTROL_FD, TURNS_FD = 3, 4, 5, 6
+HTTP_FD, HTTPS_FD, CONTROL_FD, TURNS_FD, UDP_FD = 3, 4, 5, 6, 7
 #: How long a worker may take to apply a change before it is replaced.
 APPLY_TIMEOUT = 30.0
 #: Extra time a worker may take beyond a drain's own timeout.
@@ -113,6 +114,7 @@ class WorkerPool(appservice.Service):
         http: Any,
         https: Any,
         argv: list[str] | None = None,
+        udp: Any = None,
     ) -> None:
         self.reactor = reactor
         self.count = options.workers
@@ -120,6 +122,8 @@ class WorkerPool(appservice.Service):
         self.tls = tls
         self.http = http
         self.https = https
+        # HTTP/3: the UDP socket of each worker index (``app.DatagramSockets``), or None.
+        self.udp = udp
         self.config = {
             "http_port": options.http_port,
             "https_port": options.https_port,
@@ -128,6 +132,7 @@ class WorkerPool(appservice.Service):
             "acme_directory": options.acme_directory,
             "family": int(http.family),
             "parent": os.getpid(),
+            "http3": udp is not None,
         }
         self.slots = TurnSlots(SharedTurns.create())
         self.argv = argv or [sys.executable, "-m", "kamal_proxy.process.worker"]
@@ -201,21 +206,24 @@ class WorkerPool(appservice.Service):
         worker = Worker(index, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY)
+        fds = {
+            0: stdin,
+            1: 1,
+            2: 2,
+            HTTP_FD: self.http.fileno(),
+            HTTPS_FD: self.https.fileno(),
+            CONTROL_FD: theirs.fileno(),
+            TURNS_FD: self.slots.turns.fd,
+        }
+        if self.udp is not None:
+            fds[UDP_FD] = self.udp.fileno(index)
         try:
             worker.process = self.reactor.spawnProcess(
                 WorkerProcess(self, worker),
                 self.argv[0],
                 [*self.argv, json.dumps({**self.config, "index": index})],
                 env=os.environ.copy(),
-                childFDs={
-                    0: stdin,
-                    1: 1,
-                    2: 2,
-                    HTTP_FD: self.http.fileno(),
-                    HTTPS_FD: self.https.fileno(),
-                    CONTROL_FD: theirs.fileno(),
-                    TURNS_FD: self.slots.turns.fd,
-                },
+                childFDs=fds,
             )
         except BaseException:
             ours.close()

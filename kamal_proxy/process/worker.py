@@ -31,7 +31,7 @@ from kamal_proxy.observe.events import debug
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.process.certificates import WorkerTLS
-from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD, TURNS_FD
+from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD, TURNS_FD, UDP_FD
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.turns import SharedTurns
 
@@ -68,9 +68,24 @@ class Worker:
         )
         self.ports: list[Any] = []
         self.fds = {HTTP_FD: self.plane.http_site, HTTPS_FD: self.plane.https_factory}
+        self.http3 = self._http3(config) if config.get("http3") else None
         self._stopping: defer.Deferred | None = None
         self._stopped = False
         self._stop_waiters: list[defer.Deferred] = []
+
+    def _http3(self, config: dict[str, Any]) -> Any:
+        """HTTP/3 as ``app._add_http3`` builds it, on this worker's inherited UDP socket."""
+        from kamal_proxy.process.http3 import AdoptedHttp3Listener
+        from kamal_proxy.proxy.alt_svc import alt_svc_request
+        from kamal_proxy.proxy.http3 import Http3Server
+        from kamal_proxy.proxy.http3_bridge import Http3Bridge
+
+        port = config["https_port"]
+        self.plane.https_site.requestFactory = alt_svc_request(port)
+        server = Http3Server(
+            self.reactor, self.tls.selector(), Http3Bridge(self.plane.https_resource, port)
+        )
+        return AdoptedHttp3Listener(self.reactor, UDP_FD, port, server)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -93,6 +108,8 @@ class Worker:
         for fd, factory in self.fds.items():
             self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
             os.close(fd)
+        if self.http3 is not None:
+            self.http3.startService()
         debug("Worker serving", pid=os.getpid())
 
     # -- stop ----------------------------------------------------------------------------------
@@ -119,7 +136,14 @@ class Worker:
         await defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
         )
-        await GracefulShutdown(self.reactor, self.plane.tracker, self.plane.sites).drain()
+        drains = [
+            defer.ensureDeferred(
+                GracefulShutdown(self.reactor, self.plane.tracker, self.plane.sites).drain()
+            )
+        ]
+        if self.http3 is not None and self.http3.running:
+            drains.append(defer.maybeDeferred(self.http3.stopService))
+        await defer.gatherResults(drains, consumeErrors=True)
 
     def exit(self) -> None:
         """Stop (gracefully) and end the process."""
