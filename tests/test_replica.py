@@ -254,6 +254,22 @@ class ReplicationTests(Base):
         self.assertEqual(service.options, self.router.services["one"].options)
 
 
+class SingleProcessOrderTests(Base):
+    def test_health_line_comes_before_deployed_without_workers(self) -> None:
+        """One process logs exactly as before workers existed: the health change, then the
+        deploy it let go on."""
+        router = Router(self.clock, None, pool_factory=FakePool)
+        d = defer.ensureDeferred(
+            router.deploy(
+                "web", ["aa:1"], [], 10**9, 10**9, False, ServiceOptions(), TargetOptions()
+            )
+        )
+        FakeHealthCheck.instances[0].report(True)
+        self.successResultOf(d)
+        messages = [m for _, m, _ in self.events if m in ("Target health updated", "Deployed")]
+        self.assertEqual(messages, ["Target health updated", "Deployed"])
+
+
 class SharedTurnsTests(unittest.TestCase):
     def test_workers_alternate_as_one(self) -> None:
         """Two copies of one balancer take turns from one shared position."""

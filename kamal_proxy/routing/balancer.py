@@ -30,9 +30,9 @@ class LoadBalancer:
         balancer_id: int | None = None,
     ) -> None:
         self.id = next(_ids) if balancer_id is None else balancer_id
-        #: Called with (balancer, target) after a target's health changed (replication);
-        #: what it returns (a Deferred: the workers applying it) is the target's to wait for.
-        self.on_health_change: Callable[[LoadBalancer, Target], object] | None = None
+        #: Called with (balancer, target) when a target's health changes (replication); a
+        #: Deferred it returns (the workers applying it) delays the target's log line.
+        self.on_health_change: Callable[[LoadBalancer, Target], defer.Deferred | None] | None = None
         self.writers = writers
         self.readers = readers
         self.targets = writers + readers
@@ -44,6 +44,7 @@ class LoadBalancer:
         self.healthy_readers: list[Target] = []
         self._became_healthy: defer.Deferred[None] = defer.Deferred()
         for target in self.targets:
+            target.before_state_change = self._tell_health
             target.on_state_change = self._target_changed
 
     @property
@@ -92,14 +93,15 @@ class LoadBalancer:
             target.state = state
         self._recompute()
 
-    def _target_changed(self, target: Target) -> object:
-        # Told first, so that the workers hear of it before whatever the recompute sets off
-        # (a deploy waiting for health goes on at once and publishes its switch).
-        applied = None
+    def _tell_health(self, target: Target) -> defer.Deferred | None:
+        # Before the recompute, so that the workers hear of it before whatever the recompute
+        # sets off (a deploy waiting for health goes on at once and publishes its switch).
         if self.on_health_change is not None:
-            applied = self.on_health_change(self, target)
+            return self.on_health_change(self, target)
+        return None
+
+    def _target_changed(self, target: Target) -> None:
         self._recompute()
-        return applied
 
     def _recompute(self) -> None:
         self.healthy_writers = [t for t in self.writers if t.state is TargetState.HEALTHY]

@@ -61,8 +61,10 @@ class Target:
         self.inflight: set[InFlight] = set()
         self._idle_waiters: list[tuple[set[InFlight], defer.Deferred]] = []
         self._check: HealthCheck | None = None
-        #: Told of every health change; may return a Deferred (the workers applying it).
-        self.on_state_change: Callable[[Target], object] | None = None
+        self.on_state_change: Callable[[Target], None] | None = None
+        #: Told of a health change first; a Deferred it returns (the worker processes applying
+        #: the change) delays the log line until the change is in effect everywhere.
+        self.before_state_change: Callable[[Target], defer.Deferred | None] | None = None
         if pool_factory is None:
             from kamal_proxy.proxy.upstream import UpstreamPool as pool_factory
         self.pool = pool_factory(reactor, self.host, self.port)
@@ -101,12 +103,13 @@ class Target:
         if new is was:
             return
         self.state = new
-        applied = self.on_state_change(self) if self.on_state_change is not None else None
-        if isinstance(applied, defer.Deferred):
-            # With workers, the line says the change is in effect everywhere.
-            applied.addBoth(lambda _: _log_health(self.address, new, was))
-        else:
+        applied = self.before_state_change(self) if self.before_state_change is not None else None
+        if applied is None:
             _log_health(self.address, new, was)
+        else:
+            applied.addBoth(lambda _: _log_health(self.address, new, was))
+        if self.on_state_change is not None:
+            self.on_state_change(self)
 
     def mark_healthy(self) -> None:
         """Restored targets are trusted at once (SPEC §15.3)."""
