@@ -26,7 +26,7 @@ from kamal_proxy.routing.options import ACME_STAGING_DIRECTORY, ServiceOptions, 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECOND = 1_000_000_000
-VISIBLE = ["deploy", "list", "pause", "remove", "resume", "rollout", "run", "stop"]
+VISIBLE = ["deploy", "list", "pause", "remove", "resume", "rollout", "run", "stop", "upgrade"]
 
 
 class Recorder:

@@ -63,6 +63,8 @@ class ContractTests(unittest.TestCase):
                     "RolloutSet",
                     "RolloutStop",
                     "Stop",
+                    # Not in the Go original: kamal-proxy upgrade (issue 10).
+                    "Upgrade",
                 ]
             ),
         )

@@ -102,3 +102,12 @@ class RolloutStop(Command):
     arguments = [(b"service", Unicode())]
     response: list = []
     errors = _ERRORS
+
+
+class Upgrade(Command):
+    """Replace the server by a new process from the code installed now (``process/upgrade.py``);
+    answered once the new process serves, with its pid."""
+
+    arguments = [(b"drain_timeout", Integer())]
+    response = [(b"pid", Integer())]
+    errors = _ERRORS

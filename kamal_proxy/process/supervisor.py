@@ -32,6 +32,7 @@ from kamal_proxy.observe.events import error as log_error
 from kamal_proxy.observe.events import info, warn
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
+from kamal_proxy.process.notify import without_notify
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
 
@@ -115,6 +116,7 @@ class WorkerPool(appservice.Service):
         https: Any,
         argv: list[str] | None = None,
         udp: Any = None,
+        stderr: Any = None,
     ) -> None:
         self.reactor = reactor
         self.count = options.workers
@@ -124,6 +126,11 @@ class WorkerPool(appservice.Service):
         self.https = https
         # HTTP/3: the UDP socket of each worker index (``app.DatagramSockets``), or None.
         self.udp = udp
+        # The descriptor workers write errors to (a process started by an upgrade has the
+        # server's real stderr elsewhere until it takes over): a callable, or None for 2.
+        self.stderr = stderr
+        #: Set when this main process handed over (seconds): how long workers may drain.
+        self.handover_drain: float | None = None
         self.config = {
             "http_port": options.http_port,
             "https_port": options.https_port,
@@ -174,13 +181,19 @@ class WorkerPool(appservice.Service):
         super().stopService()
         self.stopping = True
         workers = [w for w in self.workers.values() if not w.exited]
+        arguments = {}
+        stop_timeout = STOP_TIMEOUT
+        if self.handover_drain is not None:
+            arguments["drain_timeout"] = int(self.handover_drain * 1e9)
+            stop_timeout = max(STOP_TIMEOUT, self.handover_drain + DRAIN_GRACE)
         for worker in workers:
             if worker.connected:
-                worker.connection.callRemote(commands.Shutdown).addErrback(lambda _: None)
+                d = worker.connection.callRemote(commands.Shutdown, **arguments)
+                d.addErrback(lambda _: None)
             else:
                 self._signal(worker, "TERM")
         done = defer.DeferredList([w.ended for w in workers], consumeErrors=True)
-        timer = self.reactor.callLater(STOP_TIMEOUT, self._kill_all, workers)
+        timer = self.reactor.callLater(stop_timeout, self._kill_all, workers)
 
         def finished(_: object) -> None:
             if timer.active():
@@ -209,7 +222,7 @@ class WorkerPool(appservice.Service):
         fds = {
             0: stdin,
             1: 1,
-            2: 2,
+            2: self.stderr() if self.stderr is not None else 2,
             HTTP_FD: self.http.fileno(),
             HTTPS_FD: self.https.fileno(),
             CONTROL_FD: theirs.fileno(),
@@ -222,7 +235,7 @@ class WorkerPool(appservice.Service):
                 WorkerProcess(self, worker),
                 self.argv[0],
                 [*self.argv, json.dumps({**self.config, "index": index})],
-                env=os.environ.copy(),
+                env=without_notify(os.environ),
                 childFDs=fds,
             )
         except BaseException:

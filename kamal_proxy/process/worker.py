@@ -114,10 +114,11 @@ class Worker:
 
     # -- stop ----------------------------------------------------------------------------------
 
-    def stop(self) -> defer.Deferred:
-        """Stop accepting, let requests in flight finish (10 s at most); once only."""
+    def stop(self, handover_drain: float | None = None) -> defer.Deferred:
+        """Stop accepting, let requests in flight finish (10 s at most; after an upgrade
+        ``handover_drain`` seconds, WebSocket tunnels included); once only."""
         if self._stopping is None:
-            self._stopping = defer.ensureDeferred(self._stop())
+            self._stopping = defer.ensureDeferred(self._stop(handover_drain))
             self._stopping.addBoth(self._done_stopping)
         if self._stopped:
             return defer.succeed(None)
@@ -131,16 +132,15 @@ class Worker:
         for d in waiters:
             d.callback(None)
 
-    async def _stop(self) -> None:
+    async def _stop(self, handover_drain: float | None) -> None:
         ports, self.ports = self.ports, []
         await defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
         )
-        drains = [
-            defer.ensureDeferred(
-                GracefulShutdown(self.reactor, self.plane.tracker, self.plane.sites).drain()
-            )
-        ]
+        shutdown = GracefulShutdown(
+            self.reactor, self.plane.tracker, self.plane.sites, ports=lambda: ports
+        )
+        drains = [defer.ensureDeferred(shutdown.drain(handover_drain))]
         if self.http3 is not None and self.http3.running:
             drains.append(defer.maybeDeferred(self.http3.stopService))
         await defer.gatherResults(drains, consumeErrors=True)
@@ -228,8 +228,8 @@ class WorkerConnection(amp.AMP):
         return {"metrics": json.dumps(metrics.snapshot() if metrics is not None else {})}
 
     @commands.Shutdown.responder
-    def shutdown(self):
-        d = self.worker.stop()
+    def shutdown(self, drain_timeout=None):
+        d = self.worker.stop(None if drain_timeout is None else drain_timeout / 1e9)
         # The answer is written first; exit() leaves it EXIT_GRACE to go before stopping.
         d.addCallback(lambda _: self.worker.reactor.callLater(0, self.worker.exit))
         return d.addCallback(lambda _: {})

@@ -64,6 +64,38 @@ class Options(usage.Options):
 
         return run_options(self)
 
+    def as_args(self) -> list[str]:
+        """These options as flags (every value explicit), for the process an upgrade starts."""
+        args = [
+            f"--{name}={self[name]}"
+            for name in (
+                "http-port",
+                "https-port",
+                "metrics-port",
+                "workers",
+                "acme-directory",
+                "acme-ca-bundle",
+            )
+        ]
+        args += [f"--{name}" for name in ("debug", "http3") if self[name]]
+        return args
+
+    def relaunch(self) -> Any:
+        """How ``kamal-proxy upgrade`` starts this server again: twistd with the same logging
+        (``kamal_proxy.process.relaunch``); the pid file follows the new process."""
+        import os
+
+        from kamal_proxy.process.relaunch import run_relaunch, twistd_relaunch
+
+        config = getattr(self, "parent", None)
+        if config is None:
+            return run_relaunch()
+
+        def release() -> None:
+            config["pidfile"] = None  # twistd removes it at exit otherwise
+
+        return twistd_relaunch(config, self.as_args(), os.getcwd(), release=release)
+
 
 @implementer(IServiceMaker, IPlugin)
 class KamalProxyServiceMaker:
@@ -85,7 +117,7 @@ class KamalProxyServiceMaker:
             json_log = log.JsonLog(sys.stdout, debug=options["debug"], error_stream=None)
             log.set_active(json_log)
         json_log.batch_flushes(reactor.callLater)
-        return make_service(options.run_options())
+        return make_service(options.run_options(), relaunch=options.relaunch())
 
 
 serviceMaker = KamalProxyServiceMaker()
