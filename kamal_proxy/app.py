@@ -43,6 +43,8 @@ FLUSH_GRACE = 0.1
 #: After the listeners close: time for the first request of a connection accepted in their
 #: last moment to be read, so that it is served instead of closed as an idle connection.
 ACCEPT_GRACE = 0.05
+#: At the end of an upgrade's drain, how long clients get to close their side of a tunnel.
+CLOSE_GRACE = 2.0
 #: An upgrade waits for control connections; one that sent no command this long is idle.
 IDLE_CONTROL_GRACE = 1.0
 
@@ -125,9 +127,10 @@ class ControlSocket(appservice.Service):
             self.accept()
 
     def accept(self, _: object = None) -> None:
-        """Start accepting control connections."""
+        """Start accepting control connections (the socket file is ours to remove then)."""
         if self.port is not None or not self.running:
             return
+        self.owns_path = True
         sock = self.sockets.get("control")
         if sock is None:
             return
@@ -373,17 +376,32 @@ class GracefulShutdown(appservice.Service):
             await deferLater(self.reactor, FLUSH_GRACE, lambda: None)
 
     async def _close_when_done(self, ends: float) -> None:
-        """Let the connections still open (tunnels) run until ``ends``, then close them."""
+        """Let the connections still open (tunnels) run until ``ends``, then close them
+        cleanly: what was relayed is flushed, then the client sees the end of the stream
+        (a TLS close_notify over TLS).  A plain TCP connection is only half-closed, and read
+        until the client closes its side, so that nothing it sends meanwhile turns the close
+        into a reset.  Whatever is still open :data:`CLOSE_GRACE` later is aborted."""
+        from twisted.internet.interfaces import ISSLTransport
+
         while True:
             left = open_connections(self.reactor, self.ports())
             if not left:
                 return
             if self.reactor.seconds() >= ends:
-                info("Closing connections at the end of the drain", count=len(left))
-                for transport in left:
-                    transport.loseConnection()
-                return
+                break
             await deferLater(self.reactor, 0.1, lambda: None)
+        info("Closing connections at the end of the drain", count=len(left))
+        for transport in left:
+            if ISSLTransport.providedBy(transport.protocol):
+                transport.protocol.loseConnection()
+            else:
+                transport.loseWriteConnection()
+        closing_ends = self.reactor.seconds() + CLOSE_GRACE
+        while left and self.reactor.seconds() < closing_ends:
+            await deferLater(self.reactor, 0.05, lambda: None)
+            left = open_connections(self.reactor, self.ports())
+        for transport in left:
+            transport.abortConnection()
 
 
 def open_connections(reactor, ports: list) -> list:
@@ -473,11 +491,18 @@ class ProxyService(appservice.MultiService):
             # Handed-over sockets this configuration has no use for (fewer workers) close.
             sockets.close_unclaimed()
 
+    @property
+    def is_the_server(self) -> bool:
+        """Not (or no longer, or not yet) a process of an upgrade that another one serves."""
+        successor = getattr(self, "successor", None)
+        taken_over = successor is None or successor.committed.called
+        return taken_over and self.handed_over_to is None
+
     def stopService(self):
         upgrader = getattr(self, "upgrader", None)
         if upgrader is not None:
             upgrader.cancel()
-        if self.handed_over_to is None:
+        if self.is_the_server:
             notify.notify("STOPPING=1")
         d = defer.maybeDeferred(super().stopService)
         return d.addBoth(lambda _: self._stopped())
@@ -486,10 +511,12 @@ class ProxyService(appservice.MultiService):
         sockets = getattr(self, "sockets", None)
         if sockets is not None:
             sockets.close_all()
-        if self.handed_over_to is None:
-            info("Server stopped")
-        else:
+        if self.handed_over_to is not None:
             info("Old process stopped", pid=os.getpid(), new_pid=self.handed_over_to)
+        elif not self.is_the_server:
+            info("New process stopped: the upgrade was called off", pid=os.getpid())
+        else:
+            info("Server stopped")
 
 
 def setup_service(service, tls=None) -> None:
@@ -716,6 +743,7 @@ def _add_upgrades(top: ProxyService, reactor, relaunch) -> None:
         # Whoever replaces this process moves the pid file on, as this one did.
         relaunch.pidfile = successor.pidfile
         top.control.deferred_accept = True
+        top.control.owns_path = False
         successor.committed.addCallback(top.control.accept)
 
     def stop(drain: float) -> None:

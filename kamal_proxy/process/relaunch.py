@@ -73,8 +73,12 @@ def twistd_relaunch(
     elif daemon:
         # A daemon without --logfile logs to twistd.log; in the foreground that would be stdout.
         command.append(f"--logfile={os.path.join(cwd, 'twistd.log')}")
-    if config.get("logger"):
-        command.append(f"--logger={config['logger']}")
+    logger = config.get("logger")
+    if logger:
+        # twistd keeps the observer it imported, not its name.
+        if not isinstance(logger, str):
+            logger = f"{logger.__module__}.{logger.__qualname__}"
+        command.append(f"--logger={logger}")
     if config.get("no_save"):
         command.append("--no_save")
     if config.get("originalname"):

@@ -81,8 +81,7 @@ class _OldSide(amp.AMP):
 
     @Serving.responder
     def serving(self, pid: int) -> defer.Deferred:
-        self.new._serving(pid)
-        return self.new.decision
+        return self.new._serving(pid)
 
 
 class NewProcess(protocol.ProcessProtocol):
@@ -96,15 +95,20 @@ class NewProcess(protocol.ProcessProtocol):
         #: Fires with the new pid once it says it serves.
         self.ready: defer.Deferred[int] = defer.Deferred()
         #: Our answer to its ``Serving``: {} commits, HandoverRefused calls it off.
-        self.decision: defer.Deferred[dict] = defer.Deferred()
+        self.decision: defer.Deferred[dict] | None = None
         #: Fires with the exit reason (a Failure's value) when it exits.
         self.ended: defer.Deferred[Any] = defer.Deferred()
         self.exit: Any = None
         self._stderr = bytearray()
 
-    def _serving(self, pid: int) -> None:
-        if not self.ready.called:
-            self.ready.callback(pid)
+    def _serving(self, pid: int) -> defer.Deferred[dict]:
+        if self.decision is None:
+            self.decision = defer.Deferred()
+            if self.ready.called:  # too late: the upgrade was called off meanwhile
+                self.decision.errback(HandoverRefused("upgrade called off"))
+            else:
+                self.ready.callback(pid)
+        return self.decision
 
     # -- ProcessProtocol -------------------------------------------------------------------
 
@@ -145,15 +149,17 @@ class NewProcess(protocol.ProcessProtocol):
         else:
             how = f"exited with status {code}"
         last = _last_line(bytes(self._stderr))
-        return f"new process {how} before serving" + (f": {last}" if last else "")
+        if not last:
+            return f"new process {how} before serving (its output is in the server's log)"
+        return f"new process {how} before serving: {last}"
 
     def commit(self) -> None:
-        if not self.decision.called:
+        if self.decision is not None and not self.decision.called:
             self.decision.callback({})
 
     async def call_off(self) -> None:
         """Refuse it, stop it (SIGTERM, then SIGKILL) and wait until it is gone."""
-        if not self.decision.called:
+        if self.decision is not None and not self.decision.called:
             self.decision.errback(HandoverRefused("upgrade called off"))
         if self.ended.called:
             return
