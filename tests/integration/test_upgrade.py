@@ -8,10 +8,12 @@ workers).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -19,7 +21,14 @@ import time
 
 from twisted.trial import unittest
 
-from tests.integration.pebble import cert_pem, key_pem, make_ca, make_leaf
+from tests.integration.pebble import (
+    PebbleServer,
+    cert_pem,
+    key_pem,
+    make_ca,
+    make_leaf,
+    pebble_available,
+)
 from tests.integration.support import IT_WORKERS, IntegrationTestCase, http_request, run_cli
 from tests.integration.upgrade_support import (
     GOOD_INSTALL,
@@ -410,3 +419,45 @@ class UnderLoadTests(UpgradeTestCase):
                 any(self.DRAIN - 0.5 <= closed - c <= self.DRAIN + 4.0 for c in replaced),
                 f"WebSocket opened at {opened:.2f} closed at {closed:.2f}; commits {commits}",
             )
+
+
+class AcmeTests(UpgradeTestCase):
+    def setUp(self):
+        super().setUp()
+        if not pebble_available():
+            raise unittest.SkipTest("pebble is not installed (apt-get install pebble)")
+
+    def test_certificates_and_account_carry_over_without_a_new_order(self):
+        """A certificate issued over ACME (Pebble) is served by the new process as it is: no
+        new order, no new account, the same certificate on the first handshake."""
+        proxy = UpgradableProxy()
+        self.addCleanup(proxy.cleanup)
+        pebble = PebbleServer(proxy.http_port)
+        self.addCleanup(pebble.cleanup)
+        pebble.start()
+        proxy.extra_args = ["--acme-directory", pebble.directory_url]
+        proxy.extra_args += ["--acme-ca-bundle", pebble.ca_path]
+        proxy.start()
+        root = pebble.root_pem().decode()
+        up = self.upstream("acme")
+        self.deploy("secure", up.addr, "--host", TLS, "--tls", proxy=proxy)
+
+        def served() -> str:
+            context = ssl.create_default_context(cadata=root)
+            with socket.create_connection(("127.0.0.1", proxy.https_port), timeout=30) as raw:
+                with context.wrap_socket(raw, server_hostname=TLS) as tls:
+                    return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+        before = served()
+        self.assertEqual(pebble.orders(), 1)
+        ca_log = len(pebble.log())
+        mark = proxy.log_mark()
+        first = proxy.pid
+        proxy.upgrade()
+        wait_pid_gone(first, 15)
+        self.assertEqual(served(), before)
+        # The new process checked its certificates at start: nothing was due.
+        self.assertEqual(proxy.logs("ACME: obtaining certificate", since=mark), [])
+        # Nothing at all was asked of the CA: no account, no order, no nonce.
+        self.assertNotIn("POST /", pebble.log()[ca_log:])
+        self.assertEqual(pebble.orders(), 1)
