@@ -99,6 +99,8 @@ class NewProcess(protocol.ProcessProtocol):
         #: Fires with the exit reason (a Failure's value) when it exits.
         self.ended: defer.Deferred[Any] = defer.Deferred()
         self.exit: Any = None
+        #: Where its output goes on (this process's stderr), besides the tail kept here.
+        self.passthrough: int | None = 2
         self._stderr = bytearray()
 
     def _serving(self, pid: int) -> defer.Deferred[dict]:
@@ -116,10 +118,11 @@ class NewProcess(protocol.ProcessProtocol):
         if fd != 2:
             return
         # Pass it on (it is the server's output) and keep the end for the reason of a failure.
-        try:
-            os.write(2, data)
-        except OSError:
-            pass
+        if self.passthrough is not None:
+            try:
+                os.write(self.passthrough, data)
+            except OSError:
+                pass
         self._stderr += data
         del self._stderr[:-STDERR_TAIL]
 
