@@ -564,9 +564,12 @@ class DataPlane:
         self.sites = [self.http_site, self.https_site]
 
 
-def make_service(options: RunOptions, reactor=None, relaunch=None) -> appservice.MultiService:
+def make_service(
+    options: RunOptions, reactor=None, relaunch=None, preforked=None
+) -> appservice.MultiService:
     """The server.  ``relaunch`` (``process/relaunch.py``) says how an upgrade starts it
-    again; by default as this process was started (``kamal-proxy run``)."""
+    again; by default as this process was started (``kamal-proxy run``).  ``preforked`` are
+    children forked to become the first workers (``process/prefork.py``)."""
     raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor
@@ -600,7 +603,7 @@ def make_service(options: RunOptions, reactor=None, relaunch=None) -> appservice
     if options.workers < 1:  # 0 (or less) asks for the default: one per usable CPU
         options.workers = paths.default_workers()
     if options.workers > 1:
-        _main_process(options, reactor, top)
+        _main_process(options, reactor, top, preforked)
     else:
         _single_process(options, reactor, top)
     _add_upgrades(top, reactor, relaunch)
@@ -640,7 +643,7 @@ def _single_process(options: RunOptions, reactor, top: ProxyService) -> None:
     Announce(reactor, http, https, successor=top.successor).setServiceParent(top)
 
 
-def _main_process(options: RunOptions, reactor, top: ProxyService) -> None:
+def _main_process(options: RunOptions, reactor, top: ProxyService, preforked=None) -> None:
     """The main process of ``--workers N``: ports, state, health, ACME, control, metrics;
     the workers serve."""
     from kamal_proxy.process.supervisor import WorkerPool
@@ -661,6 +664,7 @@ def _main_process(options: RunOptions, reactor, top: ProxyService) -> None:
         https,
         udp=udp,
         stderr=(lambda: successor.stderr_fd) if successor is not None else None,
+        preforked=preforked,
     )
     top.workers = pool
     top.drains = [pool]
@@ -769,7 +773,20 @@ def _add_upgrades(top: ProxyService, reactor, relaunch) -> None:
 
 
 def run_server(options: RunOptions) -> int:
-    """``kamal-proxy run``: start, serve until SIGTERM/SIGINT, return the exit code."""
+    """``kamal-proxy run``: start, serve until SIGTERM/SIGINT, then exit the process (0);
+    returns 1 if the server cannot start (after printing ``Error: <why>``)."""
+    if options.workers < 1:
+        options.workers = paths.default_workers()
+    preforked = []
+    if options.workers > 1:
+        # Before anything installs the reactor: the first workers are forked children (with
+        # the open-files limit a spawned worker would inherit).
+        from kamal_proxy.process import prefork
+
+        raise_open_files_limit()
+        prefork.preload(http3=options.http3)
+        preforked = prefork.fork_workers(options.workers)
+
     from twisted.internet import reactor
 
     from kamal_proxy.observe.log import start_logging
@@ -777,7 +794,7 @@ def run_server(options: RunOptions) -> int:
     log = start_logging(debug=options.debug)
     log.batch_flushes(reactor.callLater)
     try:
-        top = make_service(options, reactor)
+        top = make_service(options, reactor, preforked=preforked)
         top.privilegedStartService()
         top.startService()
     except StartupError as e:
@@ -787,7 +804,14 @@ def run_server(options: RunOptions) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     log.flush()
-    return 0
+    # Everything is stopped and written: skip the interpreter's teardown (a quarter of a
+    # second of freeing what the process is about to lose anyway), as a worker does.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _socket_is_live(path: str) -> bool:

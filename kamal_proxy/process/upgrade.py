@@ -153,7 +153,9 @@ class NewProcess(protocol.ProcessProtocol):
             how = f"exited with status {code}"
         last = _last_line(bytes(self._stderr))
         if not last:
-            return f"new process {how} before serving (its output is in the server's log)"
+            # A crash says it all; a process that exited may have said why on stdout.
+            hint = "" if sig else " (its output is in the server's log)"
+            return f"new process {how} before serving{hint}"
         return f"new process {how} before serving: {last}"
 
     def commit(self) -> None:

@@ -15,6 +15,12 @@ process goes away.
 
 from __future__ import annotations
 
+# The server's own module first: it decides how Twisted's modules are loaded (the data plane
+# loads the TLS libraries only once TLS is used), which AMP's import would settle otherwise.
+import kamal_proxy.app  # noqa: F401
+
+# isort: split
+
 import ctypes
 import json
 import os
@@ -28,14 +34,13 @@ from twisted.python.failure import Failure
 
 from kamal_proxy.app import DataPlane, GracefulShutdown, setup_service
 from kamal_proxy.observe.events import debug
-from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.process.certificates import WorkerTLS
 from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD, TURNS_FD, UDP_FD
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.turns import SharedTurns
 
-#: Time for the last answers to leave before the reactor stops.
+#: At most this long for the last answers to leave before the reactor stops.
 EXIT_GRACE = 0.05
 
 
@@ -57,7 +62,11 @@ class Worker:
             acme_directory=config.get("acme_directory", ""),
             http_port=config["http_port"],
         )
-        self.metrics = Metrics() if config.get("metrics") else None
+        self.metrics = None
+        if config.get("metrics"):
+            from kamal_proxy.observe.metrics import Metrics  # prometheus_client, twisted.web
+
+            self.metrics = Metrics()
         self.plane = DataPlane(
             reactor,
             self.router,
@@ -146,8 +155,17 @@ class Worker:
         await defer.gatherResults(drains, consumeErrors=True)
 
     def exit(self) -> None:
-        """Stop (gracefully) and end the process."""
-        self.stop().addBoth(lambda _: self.reactor.callLater(EXIT_GRACE, self._stop_reactor))
+        """Stop (gracefully) and end the process: once the connection to the main process is
+        closed (which writes out the last answers first), or EXIT_GRACE after the stop."""
+        self.stop().addBoth(lambda _: self._leave())
+
+    def _leave(self) -> None:
+        connection = self.connection
+        if connection is not None and connection.connected and connection.transport:
+            connection.transport.loseConnection()  # connectionLost calls exit() again
+            self.reactor.callLater(EXIT_GRACE, self._stop_reactor)
+        else:
+            self._stop_reactor()
 
     def _stop_reactor(self) -> None:
         if self.reactor.running:
@@ -230,7 +248,7 @@ class WorkerConnection(amp.AMP):
     @commands.Shutdown.responder
     def shutdown(self, drain_timeout=None):
         d = self.worker.stop(None if drain_timeout is None else drain_timeout / 1e9)
-        # The answer is written first; exit() leaves it EXIT_GRACE to go before stopping.
+        # The answer is written first; exit() closes the connection after it, then stops.
         d.addCallback(lambda _: self.worker.reactor.callLater(0, self.worker.exit))
         return d.addCallback(lambda _: {})
 
