@@ -33,9 +33,11 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from twisted.trial import unittest
 
@@ -411,12 +413,19 @@ class ProxyProcess:
 
     def wait_for_log(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> dict:
         """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
+        index = self.log_position(msg, timeout, since, **attrs)
+        with self._cond:
+            return self.records[index]
+
+    def log_position(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> int:
+        """Where in the log (a mark) the first record with ``msg`` and ``attrs`` after ``since``
+        is, waiting for it like ``wait_for_log``: compare positions to assert an order."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for record in self.records[since:]:
-                    if _matches(record, msg, attrs):
-                        return record
+                for index in range(since, len(self.records)):
+                    if _matches(self.records[index], msg, attrs):
+                        return index
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -585,6 +594,26 @@ class UpstreamProcess:
 
     def health_checks(self) -> int:
         return self.stats()["health_checks"]
+
+    # Gates (upstream_app.py): requests that the test holds in flight and releases, so that a
+    # test states an order of events instead of sleeping "long enough".
+
+    def wait_arrived(self, gate: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Return once ``count`` requests naming ``gate`` have reached this upstream."""
+        resp = http_request(
+            self.port,
+            "GET",
+            f"/control/arrived?gate={quote(gate)}&count={count}&timeout_ms={int(timeout * 1000)}",
+            timeout=timeout + 10,
+        )
+        if resp.status != 200:
+            raise AssertionError(f"upstream {self.name}: {resp.text} within {timeout}s")
+
+    def release(self, gate: str, count: int = 1) -> None:
+        """Let requests held on ``gate`` go on (``count`` more steps of a gated stream)."""
+        resp = self.get(f"/control/release?gate={quote(gate)}&count={count}")
+        if resp.status != 200:
+            raise AssertionError(f"upstream {self.name}: release of {gate} failed: {resp!r}")
 
 
 def _readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:
@@ -994,6 +1023,14 @@ def _stop_shared() -> None:
     _SHARED_UPSTREAMS.clear()
 
 
+def _release_quietly(upstream: UpstreamProcess, gate: str) -> None:
+    if upstream.alive():
+        try:
+            upstream.release(gate, 1000)
+        except (OSError, AssertionError):
+            pass
+
+
 class SigtermOnStartMixin:
     """Sends SIGTERM from the stdout reader the instant ``Server started`` arrives, as a
     process manager may: the server must stop gracefully, not die of the signal."""
@@ -1055,6 +1092,13 @@ class IntegrationTestCase(unittest.TestCase):
             args += ["--target", items.pop(0)]
         proxy.cli_ok(*args, *items)
         self.remove_later(service, proxy)
+
+    def gate(self, upstream: UpstreamProcess, name: str = "gate") -> str:
+        """A fresh gate name on ``upstream`` (``/hold?gate=G``, ``/stream?gate=G`` ...), released
+        at cleanup so that nothing stays held after the test."""
+        gate = f"{name}-{uuid.uuid4().hex[:12]}"
+        self.addCleanup(_release_quietly, upstream, gate)
+        return gate
 
     def remove_later(self, service: str, proxy: ProxyProcess | None = None) -> None:
         """Remove ``service`` at cleanup (whether or not it exists by then)."""
