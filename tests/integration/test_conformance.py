@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import socket
 import socketserver
 import ssl
@@ -361,16 +362,33 @@ class RunEnvironmentTests(unittest.TestCase):
             proc.stderr.close()
 
         self.addCleanup(stop)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
+        lines: queue.Queue[bytes] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for line in iter(proc.stdout.readline, b""):
+                    lines.put(line)
+            except (OSError, ValueError):
+                pass
+            lines.put(b"")
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                break
             if not line:
                 break
             record = json.loads(line)
             records.append(record)
             if record.get("msg") == "Server started":
                 return proc, records
-        raise AssertionError(f"no Server started: {records} {proc.stderr.read()!r}")
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+        proc.wait(10)
+        raise AssertionError(f"no Server started within 20s: {records} {proc.stderr.read()!r}")
 
     def test_empty_prefixed_variable_hides_plain_one(self):
         """`KAMAL_PROXY_HTTP_PORT=""` + `HTTP_PORT=P` → the built-in 80 (§3.4 example)."""
@@ -594,9 +612,10 @@ class RequestConformanceTests(IntegrationTestCase):
         resp = self.req("tt.example.com", "POST", "/upload", body=slow_body())
         self.assertEqual(resp.status, 200, resp)
         self.assertEqual(resp.json()["length"], 400)
-        resp = self.req("tt.example.com", path="/slow?ms=2000")
+        # The upstream holds this one until cleanup: only the timeout answers it.
+        resp = self.req("tt.example.com", path=f"/hold?gate={self.gate(self.app)}")
         self.assertEqual(resp.status, 504)
-        self.assertLess(resp.elapsed, 1.5)
+        self.assertGreaterEqual(resp.elapsed, 0.45)
 
     def test_empty_request_id_and_start_are_replaced(self):
         """§5 P2/P3: an *empty* `X-Request-ID` / `X-Request-Start` counts as absent."""
@@ -843,9 +862,12 @@ class RequestConformanceTests(IntegrationTestCase):
         """§18: HELP texts, buckets, any path, lazy series, in-flight gauge 1 then 0."""
         self.deploy_host("metr", "metr.example.com")
         self.req("metr.example.com", "PURGE", "/")
+        gate = self.gate(self.app)
         result: list = []
         t = threading.Thread(
-            target=lambda: result.append(self.req("metr.example.com", path="/slow?ms=1200"))
+            target=lambda: result.append(
+                self.req("metr.example.com", path=f"/hold?gate={gate}", timeout=30)
+            )
         )
         t.start()
 
@@ -858,8 +880,11 @@ class RequestConformanceTests(IntegrationTestCase):
             conn.close()
             return body
 
-        eventually(lambda: 'kamal_proxy_http_in_flight_requests{service="metr"} 1' in gauge())
-        t.join(10)
+        self.app.wait_arrived(gate)
+        self.assertIn('kamal_proxy_http_in_flight_requests{service="metr"} 1', gauge())
+        self.app.release(gate)
+        t.join(15)
+        self.assertEqual([r.status for r in result], [200])
         text = gauge()
         self.assertIn('kamal_proxy_http_in_flight_requests{service="metr"} 0', text)
         for line in (
@@ -892,7 +917,7 @@ class RequestConformanceTests(IntegrationTestCase):
 
     def test_concurrent_deploys_of_one_service(self):
         """§13.3: both deploys succeed; the later installation wins."""
-        slow = self.upstream("slowhealth", "--unhealthy-for", "1.5")
+        slow = self.upstream("slowhealth", "--health-status", "503")
         fast = self.upstream("fasthealth")
         results: dict[str, object] = {}
 
@@ -901,14 +926,17 @@ class RequestConformanceTests(IntegrationTestCase):
                 "deploy", "conc", "--target", target, "--host", "conc.example.com"
             )
 
+        self.remove_later("conc")
         t1 = threading.Thread(target=run, args=("slow", slow.addr))
         t1.start()
-        time.sleep(0.3)
-        t2 = threading.Thread(target=run, args=("fast", fast.addr))
-        t2.start()
-        t2.join(30)
+        # The first deploy is under way (its target being checked) when the second starts, and
+        # its target turns healthy only after the second deploy has installed its own.
+        eventually(lambda: slow.health_checks() >= 1, timeout=15)
+        run("fast", fast.addr)
+        self.assertEqual(self.req("conc.example.com").text, "fasthealth")
+        self.assertTrue(t1.is_alive(), "the first deploy returned before its target was healthy")
+        slow.set_health(200)
         t1.join(30)
-        self.remove_later("conc")
         self.assertEqual(results["fast"].code, 0, results["fast"])
         self.assertEqual(results["slow"].code, 0, results["slow"])
         self.assertEqual(self.req("conc.example.com").text, "slowhealth")
