@@ -354,8 +354,8 @@ class AcmeServerDown(IntegrationTestCase):
         self.assertEqual(
             http_request(proxy.http_port, "GET", "/", host="plain.test").body, b"plain"
         )
-        started = time.monotonic()
+        # Refused at once: a handshake left waiting would end in TimeoutError (after 15s),
+        # not in an SSLError.
         with self.assertRaises(ssl.SSLError):
             tls_connect(proxy.https_port, "secure.test", None)
-        self.assertLess(time.monotonic() - started, 2)
         eventually(lambda: proxy.alive())
