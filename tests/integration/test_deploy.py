@@ -523,7 +523,9 @@ class DrainTests(IntegrationTestCase):
         remove = Background(self.proxy.cli, "remove", "rmsvc")
         # The upstream holds the request until released below: had remove waited for it (or
         # for the 30s default drain), it would not return here.
-        result = remove.value(15)
+        remove.join(15)
+        self.assertFalse(remove.is_alive(), "remove waited for the request in flight")
+        result = remove.value()
         self.assertEqual((result.code, result.out, result.err), (0, "", ""))
         self.assertTrue(slow.is_alive(), "the in-flight request ended with the remove")
         self.assertNotFound("rm.test")
