@@ -413,19 +413,12 @@ class ProxyProcess:
 
     def wait_for_log(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> dict:
         """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
-        index = self.log_position(msg, timeout, since, **attrs)
-        with self._cond:
-            return self.records[index]
-
-    def log_position(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> int:
-        """Where in the log (a mark) the first record with ``msg`` and ``attrs`` after ``since``
-        is, waiting for it like ``wait_for_log``: compare positions to assert an order."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for index in range(since, len(self.records)):
-                    if _matches(self.records[index], msg, attrs):
-                        return index
+                for record in self.records[since:]:
+                    if _matches(record, msg, attrs):
+                        return record
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
