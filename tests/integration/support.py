@@ -44,6 +44,7 @@ from twisted.trial import unittest
 from tests.integration.upstream_app import pattern_bytes, read_ws_frame, ws_frame
 
 __all__ = [
+    "PROCESS_TIMEOUT",
     "CliResult",
     "HttpClient",
     "IntegrationTestCase",
@@ -62,6 +63,11 @@ __all__ = [
     "shared_proxy",
     "shared_upstream",
 ]
+
+# How long a process may take to start, or to stop, on a heavily loaded machine (2 CPUs, a
+# load of 40: start-up is ~0.5 s of CPU, and such a machine gives a process a few percent of
+# one).  A failure detector only: a passing run never waits this long.
+PROCESS_TIMEOUT = 60.0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPSTREAM_APP = os.path.join(HERE, "upstream_app.py")
@@ -104,7 +110,9 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+def _stop_pid(
+    proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = PROCESS_TIMEOUT
+) -> int:
     """Signal one process by PID, wait bounded, SIGKILL as a last resort; returns the exit code."""
     if proc.poll() is None:
         try:
@@ -190,7 +198,7 @@ def unix_socket_accepts(path: str) -> bool:
         s.close()
 
 
-def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll ``check`` until it returns a truthy value; the last value or AssertionError."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -302,7 +310,7 @@ class ProxyProcess:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0, wait_ready: bool = True) -> ProxyProcess:
+    def start(self, timeout: float = PROCESS_TIMEOUT, wait_ready: bool = True) -> ProxyProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with self._cond:
             self.lines.clear()
@@ -329,7 +337,7 @@ class ProxyProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = PROCESS_TIMEOUT) -> None:
         """Ready = ``Server started`` is logged (as a process manager reads it), the control
         socket accepts connections and the HTTP port answers."""
         deadline = time.monotonic() + timeout
@@ -353,7 +361,7 @@ class ProxyProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PROCESS_TIMEOUT) -> int | None:
         """Stop by PID (SIGTERM, bounded wait, SIGKILL fallback); returns the exit code."""
         if self.proc is None:
             return None
@@ -370,7 +378,7 @@ class ProxyProcess:
             except OSError:
                 pass
 
-    def restart(self, timeout: float = 20.0) -> ProxyProcess:
+    def restart(self, timeout: float = PROCESS_TIMEOUT) -> ProxyProcess:
         """Stop and start again with the same HOME, socket and ports."""
         code = self.stop()
         assert code == 0, f"kamal-proxy exited {code} on SIGTERM\n" + self.describe()
@@ -411,7 +419,7 @@ class ProxyProcess:
             records = list(self.records[since:])
         return [r for r in records if _matches(r, msg, attrs)]
 
-    def wait_for_log(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> dict:
+    def wait_for_log(self, msg: str, timeout: float = 10.0, since: int = 0, **attrs: Any) -> dict:
         """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -474,7 +482,7 @@ def _matches(record: dict, msg: str | None, attrs: dict[str, Any]) -> bool:
 
 
 def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 60.0, cwd: str | None = None
+    *args: str, env: dict[str, str], timeout: float = PROCESS_TIMEOUT, cwd: str | None = None
 ) -> CliResult:
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -543,7 +551,7 @@ class UpstreamProcess:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        line = _readline_with_timeout(self.proc, 10.0)
+        line = _readline_with_timeout(self.proc, PROCESS_TIMEOUT)
         if not line.startswith("PORT "):
             _stop_pid(self.proc, signal.SIGKILL, 5)
             raise AssertionError(f"upstream {name} failed to start: {line!r}")

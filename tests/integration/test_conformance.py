@@ -22,6 +22,7 @@ from twisted.trial import unittest
 
 from tests.integration.pebble import cert_pem, key_pem, make_ca, make_leaf
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     IntegrationTestCase,
     eventually,
     free_port,
@@ -148,7 +149,6 @@ class CliConformanceTests(unittest.TestCase):
         return run_cli(
             *args,
             env=_base_env(self.home, **env),
-            timeout=20,
             cwd=self.root,
         )
 
@@ -323,7 +323,6 @@ class CliConformanceTests(unittest.TestCase):
             "--https-port",
             str(free_port()),
             env=_base_env(self.home, KAMAL_PROXY_SOCKET=path),
-            timeout=20,
             cwd=self.root,
         )
         self.assertEqual(result.code, 1, result)
@@ -373,7 +372,7 @@ class RunEnvironmentTests(unittest.TestCase):
             lines.put(b"")
 
         threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + PROCESS_TIMEOUT
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 line = lines.get(timeout=remaining)
@@ -388,7 +387,9 @@ class RunEnvironmentTests(unittest.TestCase):
         if proc.poll() is None:
             os.kill(proc.pid, 9)
         proc.wait(10)
-        raise AssertionError(f"no Server started within 20s: {records} {proc.stderr.read()!r}")
+        raise AssertionError(
+            f"no Server started within {PROCESS_TIMEOUT}s: {records} {proc.stderr.read()!r}"
+        )
 
     def test_empty_prefixed_variable_hides_plain_one(self):
         """`KAMAL_PROXY_HTTP_PORT=""` + `HTTP_PORT=P` → the built-in 80 (§3.4 example)."""
@@ -923,20 +924,22 @@ class RequestConformanceTests(IntegrationTestCase):
 
         def run(name: str, target: str) -> None:
             results[name] = self.proxy.cli(
-                "deploy", "conc", "--target", target, "--host", "conc.example.com"
-            )
+                "deploy", "conc", "--target", target, "--host", "conc.example.com",
+                "--deploy-timeout", "5m",
+            )  # fmt: skip
 
         self.remove_later("conc")
         t1 = threading.Thread(target=run, args=("slow", slow.addr))
         t1.start()
         # The first deploy is under way (its target being checked) when the second starts, and
         # its target turns healthy only after the second deploy has installed its own.
-        eventually(lambda: slow.health_checks() >= 1, timeout=15)
+        eventually(lambda: slow.health_checks() >= 1, timeout=PROCESS_TIMEOUT)
         run("fast", fast.addr)
         self.assertEqual(self.req("conc.example.com").text, "fasthealth")
         self.assertTrue(t1.is_alive(), "the first deploy returned before its target was healthy")
         slow.set_health(200)
-        t1.join(30)
+        t1.join(PROCESS_TIMEOUT)
+        self.assertFalse(t1.is_alive(), "the first deploy did not return once healthy")
         self.assertEqual(results["fast"].code, 0, results["fast"])
         self.assertEqual(results["slow"].code, 0, results["slow"])
         self.assertEqual(self.req("conc.example.com").text, "slowhealth")

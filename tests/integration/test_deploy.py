@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     IntegrationTestCase,
     eventually,
     parse_list_output,
@@ -206,16 +207,16 @@ class HealthTests(IntegrationTestCase):
         self.addCleanup(stop.set)
         deploy = Background(
             self.proxy.cli, "deploy", "late", "--target", up.addr, "--host", "late.test",
-            "--deploy-timeout", "60s", "--health-check-interval", "200ms",
+            "--deploy-timeout", "5m", "--health-check-interval", "200ms",
         )  # fmt: skip
         self.remove_later("late")
         # The proxy is checking the unhealthy target and clients are asking for its host.
-        eventually(lambda: up.health_checks() >= 3, timeout=15)
+        eventually(lambda: up.health_checks() >= 3, timeout=PROCESS_TIMEOUT)
         eventually(lambda: len(statuses) >= 3, timeout=15)
         self.assertTrue(deploy.is_alive(), "deploy returned before the target was healthy")
         self.assertEqual(up.request_count(), 0, "requests reached the target before it was healthy")
         up.set_health(200)
-        result = deploy.value(30)
+        result = deploy.value(PROCESS_TIMEOUT)
         self.assertEqual((result.code, result.out, result.err), (0, "", ""))
         stop.set()
         poller.join(5)
@@ -235,9 +236,9 @@ class HealthTests(IntegrationTestCase):
         )
         self.assertEqual(result.out, "")
         self.assertGreaterEqual(result.elapsed, 0.9, "failed before the deploy timeout")
-        # The 1s timeout applies, not the 30s default: a CLI call takes a second or two even
-        # on a loaded machine.
-        self.assertLess(result.elapsed, 15.0)
+        # It gave up after 1s, not after the 30s default: at the default 1s interval the target
+        # was checked a few times, not thirty (load can only make it fewer).
+        self.assertLessEqual(up.health_checks(), 3)
         self.assertNotIn("sick", [row[0] for row in self.proxy.list_rows()])
         self.assertNotFound("sick.test")
         self.proxy.wait_for_log(
@@ -456,14 +457,14 @@ class DrainTests(IntegrationTestCase):
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("drain", old.addr, "--host", "drain.test")
         gate = self.gate(old)
-        slow = Background(self.get, "drain.test", f"/hold?gate={gate}", timeout=30)
+        slow = Background(self.get, "drain.test", f"/hold?gate={gate}", timeout=120)
         old.wait_arrived(gate)
         mark = self.proxy.log_mark()
         deploy = Background(
             self.proxy.cli, "deploy", "drain", "--target", new.addr, "--host", "drain.test",
-            "--drain-timeout", "60s",
+            "--drain-timeout", "5m",
         )  # fmt: skip
-        eventually(lambda: self.get("drain.test").text == "new", timeout=10)
+        eventually(lambda: self.get("drain.test").text == "new", timeout=PROCESS_TIMEOUT)
         # The old target still holds the request: the deploy must still be draining.
         self.assertTrue(deploy.is_alive(), "deploy returned while a request was in flight")
         self.assertEqual(self.proxy.logs("Deployed", since=mark, service="drain"), [])
@@ -480,7 +481,7 @@ class DrainTests(IntegrationTestCase):
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("cut", old.addr, "--host", "cut.test")
         gate = self.gate(old)
-        slow = Background(self.get, "cut.test", f"/hold?gate={gate}", timeout=30)
+        slow = Background(self.get, "cut.test", f"/hold?gate={gate}", timeout=120)
         old.wait_arrived(gate)
         mark = self.proxy.log_mark()
         started = time.monotonic()
@@ -499,17 +500,15 @@ class DrainTests(IntegrationTestCase):
         self.assertServes("cut.test", "new")
 
     def test_deploy_with_nothing_in_flight_is_prompt(self):
-        """Scenario 151: an idle drain returns at once, not after the 60s drain timeout."""
+        """Scenario 151: an idle drain returns at once, not after the drain timeout."""
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("idle", old.addr, "--host", "idle.test")
         self.assertServes("idle.test", "old")
         result = self.proxy.cli(
-            "deploy", "idle", "--target", new.addr, "--host", "idle.test", "--drain-timeout", "60s"
+            "deploy", "idle", "--target", new.addr, "--host", "idle.test", "--drain-timeout", "5m"
         )
+        # Waiting for the 5 minutes would outlast the CLI's bound (PROCESS_TIMEOUT, a minute).
         self.assertEqual(result.code, 0)
-        # A deploy takes about a second even on a loaded machine; waiting for the drain would
-        # take a minute.
-        self.assertLess(result.elapsed, 20.0)
         self.assertServes("idle.test", "new")
 
     def test_remove_does_not_wait(self):
@@ -518,16 +517,13 @@ class DrainTests(IntegrationTestCase):
         other = self.upstream("other")
         self.deploy("rmsvc", up.addr, "--host", "rm.test")
         gate = self.gate(up)
-        slow = Background(self.get, "rm.test", f"/hold?gate={gate}", timeout=30)
+        slow = Background(self.get, "rm.test", f"/hold?gate={gate}", timeout=120)
         up.wait_arrived(gate)
-        remove = Background(self.proxy.cli, "remove", "rmsvc")
-        # The upstream holds the request until released below: had remove waited for it (or
-        # for the 30s default drain), it would not return here.
-        remove.join(15)
-        self.assertFalse(remove.is_alive(), "remove waited for the request in flight")
-        result = remove.value()
+        result = self.proxy.cli("remove", "rmsvc")
         self.assertEqual((result.code, result.out, result.err), (0, "", ""))
-        self.assertTrue(slow.is_alive(), "the in-flight request ended with the remove")
+        # The upstream holds the request until the release below: had remove waited for it, or
+        # for a drain timeout that cancels it, it would not be in flight any more.
+        self.assertTrue(slow.is_alive(), "remove returned only once the request had ended")
         self.assertNotFound("rm.test")
         up.release(gate)
         resp = slow.value()

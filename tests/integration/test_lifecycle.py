@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     IntegrationTestCase,
     ProxyProcess,
     SigtermWhenStarted,
@@ -108,7 +109,7 @@ class ShutdownTests(IntegrationTestCase):
     def _assert_clean_exit(self, sig: int) -> None:
         proxy = self.start_proxy()
         self.assertTrue(os.path.exists(proxy.socket_path))
-        code = proxy.stop(sig, timeout=20)
+        code = proxy.stop(sig)
         self.assertEqual(code, 0, proxy.describe())
         self.assertTrue(proxy.logs("Server stopped"), proxy.describe())
         # Idle: it stopped without waiting for the 10s deadline (which would log this).
@@ -131,9 +132,9 @@ class ShutdownTests(IntegrationTestCase):
             proxy = SigtermWhenStarted()
             self.addCleanup(proxy.cleanup)
             proxy.start(wait_ready=False)
-            proxy.wait_for_log("Server started", timeout=20)
+            proxy.wait_for_log("Server started", timeout=PROCESS_TIMEOUT)
             self.assertTrue(proxy.signalled.wait(5))
-            proxy.proc.wait(15)
+            proxy.proc.wait(PROCESS_TIMEOUT)
             self.assertEqual(proxy.stop(), 0, proxy.describe())
             self.assertTrue(proxy.logs("Server stopped"), proxy.describe())
 
@@ -151,7 +152,7 @@ class ShutdownTests(IntegrationTestCase):
         self.addCleanup(idle.close)
         idle.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertIn(b"200 OK", idle.recv(65536))
-        self.assertEqual(proxy.stop(signal.SIGTERM, timeout=20), 0, proxy.describe())
+        self.assertEqual(proxy.stop(signal.SIGTERM), 0, proxy.describe())
         # Neither connection held the shutdown until its 10s deadline (which logs this).
         self.assertEqual(proxy.logs("Closing active connections"), [], proxy.describe())
 
@@ -174,7 +175,7 @@ class ShutdownTests(IntegrationTestCase):
         resp = slow.result(15)
         self.assertEqual((resp.status, resp.text), (200, "first"))
         try:
-            code = proxy.proc.wait(20)
+            code = proxy.proc.wait(PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             code = None
         proxy.stop()
@@ -191,7 +192,7 @@ class ControlSocketTests(IntegrationTestCase):
         self.addCleanup(second.cleanup)
         second.start(wait_ready=False)
         try:
-            code = second.proc.wait(15)
+            code = second.proc.wait(PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.fail("second kamal-proxy run on a live socket kept running")
         second.stop()
@@ -234,7 +235,7 @@ class ControlSocketTests(IntegrationTestCase):
         proxy = ProxyProcess()
         self.addCleanup(proxy.cleanup)
         for args in (("list",), ("deploy", "svc", "--target", "127.0.0.1:9"), ("remove", "svc")):
-            result = run_cli(*args, env=proxy.env, timeout=30)
+            result = run_cli(*args, env=proxy.env)
             self.assertEqual(result.code, 1, result)
             self.assertEqual(
                 result.err.strip(),
@@ -247,7 +248,7 @@ class ControlSocketTests(IntegrationTestCase):
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dead.bind(proxy.socket_path)
         dead.close()
-        result = run_cli("list", env=proxy.env, timeout=15)
+        result = run_cli("list", env=proxy.env)
         self.assertEqual(result.code, 1, result)
         self.assertEqual(
             result.err.strip(),
@@ -265,7 +266,7 @@ class ControlSocketTests(IntegrationTestCase):
         self.addCleanup(proxy.cleanup)
         proxy.start(wait_ready=False)
         try:
-            code = proxy.proc.wait(15)
+            code = proxy.proc.wait(PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.fail("kamal-proxy run kept running with its HTTP port taken")
         proxy.stop()

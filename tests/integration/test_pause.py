@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.integration.support import free_port, shared_upstream
+from tests.integration.support import PROCESS_TIMEOUT, free_port, shared_upstream
 from tests.integration.traffic_support import (
     DEFAULT_503_TEXT,
     Background,
@@ -193,18 +193,18 @@ class PauseTests(TrafficTestCase):
         slow.wait_arrived(gate)
         mark = self.proxy.log_mark()
         pause = Background(
-            lambda: self.proxy.cli(
-                "pause", "p-drain", "--drain-timeout", "60s", "--max-pause", "5s"
-            )
+            lambda: self.proxy.cli("pause", "p-drain", "--drain-timeout", "5m", "--max-pause", "5s")
         )
-        self.proxy.wait_for_log("Service paused", since=mark, service="p-drain", timeout=15)
+        self.proxy.wait_for_log(
+            "Service paused", since=mark, service="p-drain", timeout=PROCESS_TIMEOUT
+        )
         # The upstream still holds the request: the pause is draining.
         self.assertEqual(self.proxy.logs("Service drained", since=mark), [])
         self.assertFalse(pause.done(), "pause returned while a request was in flight")
         slow.release(gate)
         resp = inflight.result(15)
         self.assertEqual((resp.status, resp.text), (200, "slow"))
-        result = pause.result(15)
+        result = pause.result(PROCESS_TIMEOUT)
         self.assertEqual(result.code, 0, repr(result))
         self.proxy.wait_for_log("Service drained", since=mark, service="p-drain")
         self.proxy.cli_ok("resume", "p-drain")

@@ -10,6 +10,7 @@ import threading
 import time
 
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     HttpClient,
     IntegrationTestCase,
     WebSocketClient,
@@ -426,12 +427,14 @@ class WebSocketTests(ProxyTestCase):
         deploy = Background(
             lambda: self.proxy.cli(
                 "deploy", "wsswap", "--target", new.addr, "--host", "wsswap.example.com",
-                "--drain-timeout", "60s",
+                "--drain-timeout", "5m",
             )
         )  # fmt: skip
-        # Both come within seconds; waiting for the WebSocket to drain would take a minute.
-        self.assertTrue(ws.closed_by_peer(timeout=20), "WebSocket still open after redeploy")
-        result = deploy.result(20)
+        # Both come within seconds; waiting for the WebSocket to drain would take 5 minutes.
+        self.assertTrue(
+            ws.closed_by_peer(timeout=PROCESS_TIMEOUT), "WebSocket still open after redeploy"
+        )
+        result = deploy.result(PROCESS_TIMEOUT)
         self.assertEqual(result.code, 0, result)
         ws2 = self.connect(host="wsswap.example.com")
         ws2.send("__name__")

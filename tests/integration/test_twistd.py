@@ -6,7 +6,12 @@ import os
 import signal
 import sys
 
-from tests.integration.support import IntegrationTestCase, ProxyProcess, SigtermOnStartMixin
+from tests.integration.support import (
+    PROCESS_TIMEOUT,
+    IntegrationTestCase,
+    ProxyProcess,
+    SigtermOnStartMixin,
+)
 
 
 class TwistdProxyProcess(ProxyProcess):
@@ -42,7 +47,7 @@ class TwistdPluginTests(IntegrationTestCase):
         proxy.wait_for_log("Request", status=200, service="web")
         self.assertEqual(proxy.bad_lines, [])
         # twistd re-raises the signal that stopped it, so its status is "killed by SIGTERM".
-        self.assertIn(proxy.stop(signal.SIGTERM, timeout=15), (0, -signal.SIGTERM))
+        self.assertIn(proxy.stop(signal.SIGTERM), (0, -signal.SIGTERM))
         proxy.wait_for_log("Server stopped")
         self.assertFalse(os.path.exists(proxy.socket_path))
 
@@ -52,8 +57,8 @@ class TwistdPluginTests(IntegrationTestCase):
             proxy = TwistdSigtermWhenStarted()
             self.addCleanup(proxy.cleanup)
             proxy.start(wait_ready=False)
-            proxy.wait_for_log("Server started", timeout=20)
+            proxy.wait_for_log("Server started", timeout=PROCESS_TIMEOUT)
             self.assertTrue(proxy.signalled.wait(5))
-            proxy.proc.wait(15)
+            proxy.proc.wait(PROCESS_TIMEOUT)
             self.assertIn(proxy.stop(), (0, -signal.SIGTERM))
             proxy.wait_for_log("Server stopped")

@@ -222,7 +222,7 @@ class TrafficTestCase(IntegrationTestCase):
         return Background(fn)
 
     def bg_request(self, proxy: ProxyProcess, method: str, path: str, **kw: Any) -> Background:
-        kw.setdefault("timeout", 20)
+        kw.setdefault("timeout", 120)
         return Background(lambda: http_request(proxy.http_port, method, path, **kw))
 
     def assertErrorPage(self, resp: Response, status: int, *texts: str) -> None:

@@ -11,7 +11,7 @@ says until the test releases ``K`` (``/control/release``); the test learns of ar
                                         naming gate K have arrived: 200, else 504
 ``/control/release?gate=K&count=N``     release gate K N more times (default 1)
 ``/hold?gate=K``                        ``NAME`` once gate K is released (``max_ms``, default
-                                        60000, then 500): a request the test holds in flight
+                                        120000, then 500): a request the test holds in flight
 ``/slow?ms=N``                          ``NAME`` after N ms
 ``/echo...``                            JSON: method, target, path, query, headers, body hash
 ``/stream?chunks=N&ms=M``               chunked, ``chunk <i>\\n`` every M ms
@@ -296,7 +296,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def ep_hold(self, path, query, params, body):
         gate = params["gate"][0]
-        max_wait = int(params.get("max_ms", ["60000"])[0]) / 1000
+        max_wait = int(params.get("max_ms", ["120000"])[0]) / 1000
         if STATE.wait_released(gate, 1, max_wait):
             self.send(200, STATE.name.encode())
         else:
@@ -307,7 +307,7 @@ class Handler(BaseHTTPRequestHandler):
         for the piece-th release of K, else sleep ``delay`` (never before the first)."""
         gate = params.get("gate", [None])[0]
         if gate is not None:
-            max_wait = int(params.get("max_ms", ["60000"])[0]) / 1000
+            max_wait = int(params.get("max_ms", ["120000"])[0]) / 1000
             STATE.wait_released(gate, piece, max_wait)
         elif piece:
             time.sleep(delay)
