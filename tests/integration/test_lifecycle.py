@@ -231,7 +231,9 @@ class ControlSocketTests(IntegrationTestCase):
         self.assertEqual(os.stat(proxy.socket_path).st_mode & 0o777, 0o600)
 
     def test_cli_without_server(self):
-        """Scenario 139: every client command fails fast with the dial error."""
+        """Scenario 139: every client command fails with the dial error.  A CLI that kept
+        retrying would hit run_cli's bound; no tighter bound on its time, since a CLI call
+        alone took 10.7 s with two suites running."""
         proxy = ProxyProcess()
         self.addCleanup(proxy.cleanup)
         for args in (("list",), ("deploy", "svc", "--target", "127.0.0.1:9"), ("remove", "svc")):
@@ -242,8 +244,6 @@ class ControlSocketTests(IntegrationTestCase):
                 f"Error: dial unix {proxy.socket_path}: connect: no such file or directory",
             )
             self.assertEqual(result.out, "")
-            # No retrying: a CLI call takes a second or so even on a loaded machine.
-            self.assertLess(result.elapsed, 10.0)
 
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dead.bind(proxy.socket_path)
