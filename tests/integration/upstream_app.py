@@ -7,6 +7,18 @@ Run as ``python upstream_app.py NAME [--port N] [--unhealthy-for SECONDS] [--hea
 Gates order events between a test and this upstream without sleeping: a request that names
 gate ``K`` counts as an arrival of ``K`` as soon as it is read, and waits where the endpoint
 says until the test releases ``K`` (``/control/release``); the test learns of arrivals with
+``/control/arrived``.  Gates are shared by all connections and survive ``/control/reset``.
+
+Every ordinary response carries ``X-Upstream-Name: NAME`` and ``X-Upstream-Path: <request
+target as received>`` so a test can tell which upstream answered and which URI it saw.
+
+Endpoints (the first path segment picks the endpoint; anything else answers ``NAME``):
+
+=====================================  ======================================================
+``/up`` (and every ``--health-path``)   health: the current health status (default 200)
+``/control/health?status=N&delay_ms=M`` set the health status / delay (not counted)
+``/control/stats``                      JSON counters: per path, health checks, requests
+``/control/reset``                      clear the counters (not the gates)
 ``/control/arrived?gate=K&count=N``     wait (``timeout_ms``, default 10000) until N requests
                                         naming gate K have arrived: 200, else 504
 ``/control/release?gate=K&count=N``     release gate K N more times (default 1)
