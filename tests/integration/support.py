@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -251,15 +252,23 @@ class ProxyProcess:
         home: str | None = None,
         http_port: int | None = None,
         https_port: int | None = None,
+        metrics: bool = False,
     ):
+        """``metrics=True`` serves metrics on a port of the harness's choice (``metrics_port``);
+        prefer it to ``--metrics-port`` in ``extra_args``, which start() cannot pick anew."""
         self.root = tempfile.mkdtemp(prefix="kp-it-")
         self.home = home or os.path.join(self.root, "home")
         os.makedirs(self.home, exist_ok=True)
         self.socket_dir = os.path.join(self.root, "run")
         os.makedirs(self.socket_dir, exist_ok=True)
         self.socket_path = os.path.join(self.socket_dir, "kamal-proxy.sock")
+        # Ports the harness picks itself may be taken by another process (other suites run on
+        # the same machine) between the pick and the bind: start() picks those again.
+        self._picked = {"http_port": http_port is None, "https_port": https_port is None}
         self.http_port = http_port or free_port()
         self.https_port = https_port or free_port()
+        self.metrics_port = free_port() if metrics else None
+        self._picked["metrics_port"] = metrics
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
@@ -299,18 +308,35 @@ class ProxyProcess:
         return proxy_command()
 
     def run_args(self) -> list[str]:
-        return [
-            "run",
-            "--http-port",
-            str(self.http_port),
-            "--https-port",
-            str(self.https_port),
-            *self.extra_args,
-        ]
+        args = ["run", "--http-port", str(self.http_port), "--https-port", str(self.https_port)]
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port)]
+        return [*args, *self.extra_args]
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, timeout: float = PROCESS_TIMEOUT, wait_ready: bool = True) -> ProxyProcess:
+        for attempt in range(3):
+            self._spawn()
+            if not wait_ready:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken as e:
+                if attempt == 2 or not self._pick_again(e.port):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _pick_again(self, port: int) -> bool:
+        """Replace ``port`` with a fresh one if the harness picked it; whether it did."""
+        for name, picked in self._picked.items():
+            if picked and getattr(self, name) == port:
+                setattr(self, name, free_port())
+                return True
+        return False
+
+    def _spawn(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with self._cond:
             self.lines.clear()
@@ -333,9 +359,6 @@ class ProxyProcess:
         ]
         for reader in self._readers:
             reader.start()
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float = PROCESS_TIMEOUT) -> None:
         """Ready = ``Server started`` is logged (as a process manager reads it), the control
@@ -344,10 +367,16 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._join_readers()
-                raise AssertionError(
+                message = (
                     f"kamal-proxy run exited with {self.proc.returncode} during start-up\n"
                     + self.describe()
                 )
+                with self._cond:
+                    stderr = "\n".join(self.stderr_lines)
+                taken = _PORT_TAKEN.search(stderr)
+                if taken:
+                    raise PortTaken(message, int(taken.group(1)))
+                raise AssertionError(message)
             if (
                 self.logs("Server started")
                 and unix_socket_accepts(self.socket_path)
@@ -473,6 +502,17 @@ class ProxyProcess:
 
     def client(self, **kwargs: Any) -> HttpClient:
         return HttpClient(self.http_port, **kwargs)
+
+
+_PORT_TAKEN = re.compile(r"listen (?:tcp|udp) :(\d+): bind: address already in use")
+
+
+class PortTaken(AssertionError):
+    """The proxy could not start: ``port`` is in use."""
+
+    def __init__(self, message: str, port: int):
+        super().__init__(message)
+        self.port = port
 
 
 def _matches(record: dict, msg: str | None, attrs: dict[str, Any]) -> bool:
@@ -997,7 +1037,11 @@ def shared_proxy(key: str, **kwargs: Any) -> ProxyProcess:
         if proxy is not None:
             proxy.cleanup()
         proxy = ProxyProcess(**kwargs)
-        proxy.start()
+        try:
+            proxy.start()
+        except BaseException:
+            proxy.cleanup()
+            raise
         _SHARED[key] = proxy
     return proxy
 
@@ -1054,9 +1098,11 @@ class SigtermWhenStarted(SigtermOnStartMixin, ProxyProcess):
 class IntegrationTestCase(unittest.TestCase):
     """Base class: helpers that start things and register their cleanup."""
 
-    # Subclasses that set this share one proxy process per class.
+    # Subclasses that set this share one proxy process per class (with metrics on a port of
+    # its own, ``self.proxy.metrics_port``, if ``metrics``).
     shared: bool = False
     proxy_args: tuple[str, ...] = ()
+    metrics: bool = False
 
     def setUp(self) -> None:
         timings = os.environ.get("KAMAL_PROXY_IT_TIMINGS")
@@ -1069,7 +1115,9 @@ class IntegrationTestCase(unittest.TestCase):
 
             self.addCleanup(record)
         if self.shared:
-            self.proxy = shared_proxy(type(self).__qualname__, extra_args=self.proxy_args)
+            self.proxy = shared_proxy(
+                type(self).__qualname__, extra_args=self.proxy_args, metrics=self.metrics
+            )
             self.proxy.log_mark()
 
     def start_proxy(self, *extra_args: str, **kwargs: Any) -> ProxyProcess:

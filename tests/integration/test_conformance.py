@@ -422,12 +422,10 @@ class RunEnvironmentTests(unittest.TestCase):
 
 # -- one shared proxy for request-level details ------------------------------------------------
 
-METRICS_PORT = free_port()
-
 
 class RequestConformanceTests(IntegrationTestCase):
     shared = True
-    proxy_args = ("--metrics-port", str(METRICS_PORT))
+    metrics = True
 
     def setUp(self):
         super().setUp()
@@ -873,7 +871,7 @@ class RequestConformanceTests(IntegrationTestCase):
         t.start()
 
         def gauge() -> str:
-            conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=5)
+            conn = http.client.HTTPConnection("127.0.0.1", self.proxy.metrics_port, timeout=5)
             conn.request("GET", "/some/other/path")
             resp = conn.getresponse()
             body = resp.read().decode()

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from tests.integration.support import free_port, http_request
+from tests.integration.support import http_request
 from tests.integration.traffic_support import (
     TrafficTestCase,
     parse_metrics,
@@ -15,7 +15,6 @@ from tests.integration.traffic_support import (
     shared_upstream,
 )
 
-METRICS_PORT = free_port()
 BUCKETS = [
     "0.005",
     "0.01",
@@ -59,10 +58,10 @@ REQUEST_KEYS = [
 
 class MetricsTests(TrafficTestCase):
     shared = True
-    proxy_args = ("--metrics-port", str(METRICS_PORT))
+    metrics = True
 
     def scrape(self, path: str = "/metrics"):
-        resp = http_request(METRICS_PORT, "GET", path)
+        resp = http_request(self.proxy.metrics_port, "GET", path)
         self.assertEqual(resp.status, 200)
         self.assertTrue(resp.header("Content-Type", "").startswith("text/plain"), repr(resp))
         return resp.text, parse_metrics(resp.text)
@@ -70,7 +69,7 @@ class MetricsTests(TrafficTestCase):
     def test_metrics_after_traffic(self):
         """Scenarios 56, 121, 172: counters, histogram and gauge after real traffic."""
         log = self.proxy.wait_for_log("Metrics enabled")
-        self.assertIn(str(METRICS_PORT), log["address"])
+        self.assertIn(str(self.proxy.metrics_port), log["address"])
         up = shared_upstream("metrics")
         self.deploy(
             "web",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.integration.support import PROCESS_TIMEOUT, free_port, shared_upstream
+from tests.integration.support import PROCESS_TIMEOUT, shared_upstream
 from tests.integration.traffic_support import (
     DEFAULT_503_TEXT,
     Background,
@@ -13,13 +13,11 @@ from tests.integration.traffic_support import (
 )
 
 MS = 1_000_000
-# The in-flight gauge tells when requests held by a pause have arrived.
-METRICS_PORT = free_port()
 
 
 class PauseTests(TrafficTestCase):
     shared = True
-    proxy_args = ("--metrics-port", str(METRICS_PORT))
+    metrics = True  # the in-flight gauge tells when requests held by a pause have arrived
 
     def setUp(self):
         super().setUp()
@@ -32,7 +30,7 @@ class PauseTests(TrafficTestCase):
         self.proxy.cli_ok("pause", "p-hold", "--max-pause", "20s")
         self.assertEqual(self.list_state(self.proxy, "p-hold")[4], "paused")
         held = [self.bg_request(self.proxy, "GET", f"/held{i}", host="hold.test") for i in range(3)]
-        wait_in_flight(METRICS_PORT, "p-hold", 3)
+        wait_in_flight(self.proxy.metrics_port, "p-hold", 3)
         self.assertFalse(any(h.done() for h in held), "paused requests must be held")
         mark = self.proxy.log_mark()
         self.assertEqual(self.proxy.cli_ok("resume", "p-hold"), "")
@@ -110,7 +108,7 @@ class PauseTests(TrafficTestCase):
         self.deploy("p-rel", self.up.addr, "--host", "rel.test")
         self.proxy.cli_ok("pause", "p-rel", "--max-pause", "20s")
         held = self.bg_request(self.proxy, "GET", "/", host="rel.test")
-        wait_in_flight(METRICS_PORT, "p-rel", 1)
+        wait_in_flight(self.proxy.metrics_port, "p-rel", 1)
         self.assertFalse(held.done())
         self.proxy.cli_ok("stop", "p-rel", "--message", "Back in 15 mins!")
         # Released by the stop (its max-pause is 20s away), with the stop's message.
@@ -239,8 +237,7 @@ class PauseRestartTests(TrafficTestCase):
     def test_pause_state_survives_restart_and_restored_pause_can_be_released(self):
         """§14, §15, scenario 142/166: stopped and paused states survive a restart; a restored
         paused service holds requests, and resume/stop release them without crashing."""
-        metrics_port = free_port()
-        proxy = self.start_proxy("--metrics-port", str(metrics_port))
+        proxy = self.start_proxy(metrics=True)
         up = self.upstream("first")
         self.deploy("stopped", up.addr, "--host", "stopped.test", proxy=proxy)
         self.deploy("paused-a", up.addr, "--host", "a.test", proxy=proxy)
@@ -267,8 +264,8 @@ class PauseRestartTests(TrafficTestCase):
 
         held_a = self.bg_request(proxy, "GET", "/", host="a.test")
         held_b = self.bg_request(proxy, "GET", "/", host="b.test")
-        wait_in_flight(metrics_port, "paused-a", 1)
-        wait_in_flight(metrics_port, "paused-b", 1)
+        wait_in_flight(proxy.metrics_port, "paused-a", 1)
+        wait_in_flight(proxy.metrics_port, "paused-b", 1)
         self.assertFalse(held_a.done() or held_b.done(), "restored pause must hold requests")
         result = proxy.cli("resume", "paused-a")
         self.assertEqual((result.code, result.err), (0, ""), "resume of a restored pause")
