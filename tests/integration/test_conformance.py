@@ -22,6 +22,7 @@ from twisted.trial import unittest
 
 from tests.integration.pebble import cert_pem, key_pem, make_ca, make_leaf
 from tests.integration.support import (
+    IT_WORKERS,
     PROCESS_TIMEOUT,
     IntegrationTestCase,
     eventually,
@@ -44,6 +45,7 @@ def _base_env(home: str, **extra: str) -> dict[str, str]:
         and k not in ("HTTP_PORT", "HTTPS_PORT", "METRICS_PORT", "DEBUG", "XDG_RUNTIME_DIR")
     }
     env["HOME"] = home
+    env["KAMAL_PROXY_WORKERS"] = str(IT_WORKERS)  # the pass's worker count (support.py)
     env.update(extra)
     return env
 
@@ -384,8 +386,7 @@ class RunEnvironmentTests(unittest.TestCase):
             records.append(record)
             if record.get("msg") == "Server started":
                 return proc, records
-        if proc.poll() is None:
-            os.kill(proc.pid, 9)
+        proc.kill()  # so that reading its stderr ends
         proc.wait(10)
         raise AssertionError(
             f"no Server started within {PROCESS_TIMEOUT}s: {records} {proc.stderr.read()!r}"
