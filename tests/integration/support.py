@@ -1030,25 +1030,35 @@ def amp_call(path: str, command: bytes, timeout: float = 30.0, **arguments: byte
 # -- test case base -------------------------------------------------------------------------
 
 _SHARED: dict[str, ProxyProcess] = {}
+# Shared proxies kept running by one test process, the most recently used.  Trial (also with
+# -j) runs a process's tests in suite order, so a class's tests come together and an earlier
+# class's proxy is seldom needed again; kept until exit, the twenty-odd of a process took
+# ~65 MB each, three times that with two workers, and the machine ran out of memory.
+SHARED_PROXIES_KEPT = 2
 
 
 def shared_proxy(key: str, **kwargs: Any) -> ProxyProcess:
-    """A proxy shared by the tests of one class (started on first use, stopped at exit).
+    """A proxy shared by the tests of one class (started on first use, stopped when other
+    classes' proxies push it out, or at exit).
 
     Trial has no class-level fixtures; start-up costs about a second, so classes whose tests
     do not interfere (distinct services and hosts) share one process.  A dead one is replaced.
     """
-    proxy = _SHARED.get(key)
-    if proxy is None or not proxy.alive():
-        if proxy is not None:
-            proxy.cleanup()
-        proxy = ProxyProcess(**kwargs)
-        try:
-            proxy.start()
-        except BaseException:
-            proxy.cleanup()
-            raise
-        _SHARED[key] = proxy
+    proxy = _SHARED.pop(key, None)
+    if proxy is not None and proxy.alive():
+        _SHARED[key] = proxy  # now the most recently used
+        return proxy
+    if proxy is not None:
+        proxy.cleanup()
+    while len(_SHARED) >= SHARED_PROXIES_KEPT:
+        _SHARED.pop(next(iter(_SHARED))).cleanup()
+    proxy = ProxyProcess(**kwargs)
+    try:
+        proxy.start()
+    except BaseException:
+        proxy.cleanup()
+        raise
+    _SHARED[key] = proxy
     return proxy
 
 
