@@ -17,10 +17,11 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.trial import unittest
 
+from kamal_proxy import app
 from kamal_proxy.control import client, commands, wire
 from kamal_proxy.control.server import ControlProtocol
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.router import Router
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 COMMANDS = [
     value
@@ -158,7 +159,12 @@ class RealServerTests(unittest.TestCase):
         self.dir = tempfile.mkdtemp(prefix="kp-ctl-")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.path = os.path.join(self.dir, "kp.sock")
-        self.router = Router(reactor, os.path.join(self.dir, "state.json"))
+        self.router = Router(
+            reactor,
+            os.path.join(self.dir, "state.json"),
+            app.upstream_pool,
+            health_check_factory=app.health_check,
+        )
         port = reactor.listenUNIX(
             self.path, Factory.forProtocol(lambda: ControlProtocol(self.router))
         )

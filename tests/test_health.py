@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from kamal_proxy.durations import MILLISECOND, SECOND
 from kamal_proxy.health.checker import HealthCheck, health_check_url
 from kamal_proxy.observe import events
-from kamal_proxy.routing.options import HealthCheckConfig
+from kamal_proxy.service_options import HealthCheckConfig
 
 
 def capture_events(case: unittest.TestCase) -> list[tuple[str, str, dict[str, Any]]]:
@@ -490,7 +490,7 @@ class ProxyEnvironmentTests(unittest.TestCase):
         from twisted.web import resource, server
 
         from kamal_proxy.health.checker import HealthCheck
-        from kamal_proxy.routing.options import HealthCheckConfig
+        from kamal_proxy.service_options import HealthCheckConfig
 
         seen = []
 

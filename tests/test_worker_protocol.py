@@ -20,10 +20,10 @@ from kamal_proxy.options import RunOptions, default_workers
 from kamal_proxy.process import commands
 from kamal_proxy.process.supervisor import MainConnection, Worker, WorkerPool
 from kamal_proxy.process.worker import WorkerConnection
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.router import Router
-from tests.test_balancer import FakeInFlight, FakePool
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
+from tests.test_balancer import FakeHealthCheck, FakeInFlight, FakePool
 
 
 class FakeAcme:
@@ -86,7 +86,9 @@ class WireTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.router = Router(self.clock, None, pool_factory=FakePool)
+        self.router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         self.tls = FakeTLS()
         self.pool = pool_with(self.router, self.tls, self.clock)
         self.replica = RouterReplica(self.clock, pool_factory=FakePool)
@@ -190,7 +192,9 @@ class FakeConnection:
 class BroadcastTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.router = Router(self.clock, None, pool_factory=FakePool)
+        self.router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         self.pool = pool_with(self.router, FakeTLS(), self.clock)
         self.killed: list[str] = []
         self.workers = []

@@ -17,8 +17,8 @@ from twisted.protocols import amp
 
 from kamal_proxy.control import commands
 from kamal_proxy.observe.events import warn
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.router import Router, RouterError
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 
 class ControlProtocol(amp.AMP):

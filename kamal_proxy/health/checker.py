@@ -21,7 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 
 from kamal_proxy.observe.events import info
-from kamal_proxy.routing.options import HealthCheckConfig
+from kamal_proxy.service_options import HealthCheckConfig
 
 USER_AGENT = b"kamal-proxy"
 MAX_REDIRECTS = 10
@@ -106,6 +106,9 @@ def health_agent(reactor, url: str):
 class HealthCheck:
     """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
 
+    #: Why the check just reported failed (None when it passed), for a deploy's progress.
+    last_error: str | None = None
+
     def __init__(
         self,
         reactor: IReactorTime,
@@ -151,6 +154,10 @@ class HealthCheck:
             self._running = None
             if self._closed:
                 return
+            if result is None or isinstance(result, str):
+                self.last_error = result
+            else:
+                self.last_error = getattr(result, "getErrorMessage", lambda: str(result))()
             self._report(result is None)
 
         d.addBoth(finished)

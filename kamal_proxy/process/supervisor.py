@@ -34,6 +34,7 @@ from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
+from kamal_proxy.startup import StartupError
 
 HTTP_FD, HTTPS_FD, CONTROL_FD, TURNS_FD, UDP_FD = 3, 4, 5, 6, 7
 #: How long a worker may take to apply a change before it is replaced.
@@ -157,8 +158,6 @@ class WorkerPool(appservice.Service):
             try:
                 self._spawn(index)
             except OSError as e:
-                from kamal_proxy.app import StartupError
-
                 raise StartupError(f"start worker: {e}") from None
 
     def when_serving(self) -> defer.Deferred[None]:

@@ -21,18 +21,18 @@ from kamal_proxy.durations import format_duration
 from kamal_proxy.observe.events import debug, error, info
 from kamal_proxy.routing import state as statefile
 from kamal_proxy.routing.balancer import LoadBalancer, retire_when_idle
-from kamal_proxy.routing.options import (
-    OptionsError,
-    ServiceOptions,
-    TargetOptions,
-    validate_service_options,
-)
 from kamal_proxy.routing.pause import PauseController
 from kamal_proxy.routing.replication import Replicas
 from kamal_proxy.routing.rollout import split_point
 from kamal_proxy.routing.service import PauseState, Service
 from kamal_proxy.routing.table import RoutingTable
-from kamal_proxy.routing.target import Target
+from kamal_proxy.routing.target import HealthCheckFactory, PoolFactory, Target
+from kamal_proxy.service_options import (
+    OptionsError,
+    ServiceOptions,
+    TargetOptions,
+    validate_service_options,
+)
 
 CONFLICT_MESSAGE = "host is used by another service"
 
@@ -46,13 +46,17 @@ class Router:
         self,
         reactor: IReactorTime,
         state_path: str | None,
-        pool_factory: Callable | None = None,
+        pool_factory: PoolFactory,
         service_setup: Callable[[Service], None] | None = None,
+        health_check_factory: HealthCheckFactory | None = None,
     ) -> None:
         self.reactor = reactor
         self.state_path = state_path
         self.services: dict[str, Service] = {}
+        # Given from above (``app``): routing imports neither the proxy nor the health checks.
+        # Without a health check factory targets are never checked (tests report by hand).
         self._pool_factory = pool_factory
+        self._health_check_factory = health_check_factory
         # Builds per-service extras (certificates, error pages); raises RouterError to refuse.
         self._service_setup = service_setup
         self.table: RoutingTable = RoutingTable.build([], "")
@@ -87,8 +91,8 @@ class Router:
         target_options: TargetOptions,
     ) -> LoadBalancer:
         try:
-            writers = [Target(self.reactor, a, target_options, self._pool_factory) for a in targets]
-            read = [Target(self.reactor, a, target_options, self._pool_factory) for a in readers]
+            writers = [self._target(a, target_options) for a in targets]
+            read = [self._target(a, target_options) for a in readers]
         except OptionsError as e:
             raise RouterError(str(e)) from None
         lb = LoadBalancer(
@@ -99,6 +103,11 @@ class Router:
         )
         lb.on_health_change = self._health_changed
         return lb
+
+    def _target(self, address: str, target_options: TargetOptions) -> Target:
+        return Target(
+            self.reactor, address, target_options, self._pool_factory, self._health_check_factory
+        )
 
     def _health_changed(self, lb: LoadBalancer, target: Target) -> defer.Deferred | None:
         if self.replicas is not None:
