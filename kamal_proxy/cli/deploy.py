@@ -258,9 +258,11 @@ def pre_run(inv: Invocation) -> None:
 def run(inv: Invocation) -> None:
     import json
 
+    from kamal_proxy.cli.progress import send_deploy
     from kamal_proxy.control import commands
 
-    inv.send(
+    send_deploy(
+        inv,
         commands.Deploy,
         service=inv.args[0],
         targets=list(inv["target"]),

@@ -22,6 +22,7 @@ from kamal_proxy.observe.events import debug, error, info
 from kamal_proxy.routing import state as statefile
 from kamal_proxy.routing.balancer import LoadBalancer, retire_when_idle
 from kamal_proxy.routing.pause import PauseController
+from kamal_proxy.routing.progress import DeployObserver
 from kamal_proxy.routing.replication import Replicas
 from kamal_proxy.routing.rollout import split_point
 from kamal_proxy.routing.service import PauseState, Service
@@ -149,7 +150,10 @@ class Router:
         force: bool,
         options: ServiceOptions,
         target_options: TargetOptions,
+        observer: DeployObserver | None = None,
     ) -> None:
+        """Deploy ``targets`` for service ``name`` (SPEC §13.1); ``observer`` is told of the
+        health checks it waits for and of the drain."""
         try:
             validate_service_options(options)
         except OptionsError as e:
@@ -169,7 +173,7 @@ class Router:
         lb = self._balancer(targets, readers, options, target_options)
         lb.start()
         if not force:
-            await self._wait_healthy(lb, deploy_timeout)
+            await self._wait_healthy(lb, deploy_timeout, observer)
 
         try:
             previous = self._install(name, options, target_options, lb, slot="active")
@@ -180,12 +184,17 @@ class Router:
         self.save()
         await self._publish(name)
         if previous is not None:
-            await self._drain_and_retire(previous, drain_timeout)
+            await self._drain_and_retire(previous, drain_timeout, observer)
         info("Deployed", **attrs)
 
-    async def _wait_healthy(self, lb: LoadBalancer, timeout: int) -> None:
+    async def _wait_healthy(
+        self, lb: LoadBalancer, timeout: int, observer: DeployObserver | None = None
+    ) -> None:
         waiting = lb.wait_healthy()
         timer = self.reactor.callLater(max(timeout, 0) / 1e9, waiting.cancel)
+        if observer is not None:
+            for target in lb.targets:
+                target.on_check = lambda t, reason: observer.health_checked(t.address, reason)
         try:
             await waiting
         except defer.CancelledError:
@@ -197,6 +206,8 @@ class Router:
         finally:
             if timer.active():
                 timer.cancel()
+            for target in lb.targets:
+                target.on_check = None
 
     def _install(
         self,
@@ -228,12 +239,19 @@ class Router:
         self._rebuild_table()
         return previous
 
-    async def _drain_and_retire(self, lb: LoadBalancer, drain_timeout: int) -> None:
+    async def _drain_and_retire(
+        self, lb: LoadBalancer, drain_timeout: int, observer: DeployObserver | None = None
+    ) -> None:
         lb.stop()
+        addresses = [t.address for t in lb.targets]
+        if observer is not None:
+            observer.draining(addresses, drain_timeout)
         try:
             await self._drain([lb], drain_timeout)
         finally:
             self._retire(lb)
+        if observer is not None:
+            observer.drained(addresses)
 
     async def remove(self, name: str) -> None:
         service = self.services.pop(name, None)
@@ -285,18 +303,19 @@ class Router:
         readers: list[str],
         deploy_timeout: int,
         drain_timeout: int,
+        observer: DeployObserver | None = None,
     ) -> None:
         service = self.get(name)
         info("Deploying for rollout", service=name, targets=list(targets))
         lb = self._balancer(targets, readers, service.options, service.target_options)
         lb.start()
-        await self._wait_healthy(lb, deploy_timeout)
+        await self._wait_healthy(lb, deploy_timeout, observer)
         service = self.get(name)
         previous, service.rollout = service.rollout, lb
         self.save()
         await self._publish(name)
         if previous is not None:
-            await self._drain_and_retire(previous, drain_timeout)
+            await self._drain_and_retire(previous, drain_timeout, observer)
         info("Deployed for rollout", service=name, targets=list(targets))
 
     async def rollout_set(self, name: str, percentage: int, allowlist: list[str]) -> None:

@@ -86,6 +86,9 @@ class Target:
         self._idle_waiters: list[tuple[set[InFlight], defer.Deferred]] = []
         self._health_check_factory = health_check_factory
         self._check: HealthChecker | None = None
+        #: Told of every health check's outcome, ``(target, reason)`` with ``reason`` None
+        #: when it passed (a deploy showing its progress listens while it waits).
+        self.on_check: Callable[[Target, str | None], None] | None = None
         self.on_state_change: Callable[[Target], None] | None = None
         #: Told of a health change first; a Deferred it returns (the worker processes applying
         #: the change) delays the log line until the change is in effect everywhere.
@@ -119,6 +122,8 @@ class Target:
     def report_health(self, ok: bool, reason: str | None = None) -> None:
         """Apply one check result through the state machine of SPEC §12.2; ``reason`` says
         why a check failed."""
+        if self.on_check is not None:
+            self.on_check(self, None if ok else reason or "unhealthy")
         was = self.state
         if ok:
             new = TargetState.HEALTHY
