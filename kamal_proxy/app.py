@@ -73,6 +73,7 @@ class ControlSocket(appservice.Service):
         except OSError:
             pass
         factory = Factory.forProtocol(lambda: ControlProtocol(self.router, self.router))
+        factory.noisy = False  # no "Starting factory" line in twistd's log
         old_umask = os.umask(0o177)
         try:
             self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600, wantPID=False)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor, threads
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.trial import unittest
 from twisted.web import resource, server
@@ -319,3 +320,23 @@ class RealServerTests(unittest.TestCase):
         third = self._upstream(failures=1)
         await self._deploy(third, False, quiet)
         self.assertEqual(quiet, [])
+
+    async def test_calls_leave_no_line_in_the_log(self):
+        """Issue 12 §2: AMP's "connection established/lost" lines, two per CLI call, are not
+        written to twistd's log."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event: dict) -> None:
+            if "kp_msg" not in event:  # Twisted's own lines
+                seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for _ in range(3):
+            await self.call(commands.List)
+        with self.assertRaises(client.ControlError):
+            await self.call(commands.Remove, service="nope")
+        await deferLater(reactor, 0.05, lambda: None)  # the server sees each hang-up
+        self.assertEqual(seen, [])

@@ -28,6 +28,14 @@ class ControlProtocol(amp.AMP):
         # Pause/stop/resume and rollout live in their own controller (traffic issue).
         self.controller = controller
 
+    def makeConnection(self, transport) -> None:
+        # AMP logs every connection made and lost: two lines per CLI call in twistd's log.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     def connectionMade(self) -> None:
         super().connectionMade()
         uid = _peer_uid(self.transport)
