@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import ResponseDone
@@ -16,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from kamal_proxy.durations import MILLISECOND, SECOND
 from kamal_proxy.health.checker import HealthCheck, health_agent, health_check_url
 from kamal_proxy.observe import events
-from kamal_proxy.routing.options import HealthCheckConfig
+from kamal_proxy.service_options import HealthCheckConfig
 
 
 def capture_events(case: unittest.TestCase) -> list[tuple[str, str, dict[str, Any]]]:
@@ -198,6 +199,25 @@ class RealCheckTests(unittest.TestCase):
         self.assertEqual(result, error)
         self.assertEqual(self.failures()[-1], {"url": check.url, "error": error})
         self.assertEqual(self.events[-1][0], "INFO")
+
+    @defer.inlineCallbacks
+    def test_checks_log_no_factory_lines(self) -> Any:
+        """Issue 12 §2: no "Starting factory"/"Stopping factory" in twistd's log per check."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event: dict) -> None:
+            seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for _ in range(2):
+            yield self.assertHealthy("/status/200")
+        yield self.assertUnhealthy("/status/503", "unexpected status (503)")
+        # The connection of the last check closes after its result: let it.
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([line for line in seen if "factory" in line.lower()], [])
 
     @defer.inlineCallbacks
     def test_2xx_is_healthy(self) -> Any:
@@ -506,7 +526,7 @@ class ProxyEnvironmentTests(unittest.TestCase):
         from twisted.web import resource, server
 
         from kamal_proxy.health.checker import HealthCheck
-        from kamal_proxy.routing.options import HealthCheckConfig
+        from kamal_proxy.service_options import HealthCheckConfig
 
         seen = []
 
