@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     IntegrationTestCase,
     ProxyProcess,
     SigtermOnStartMixin,
@@ -48,7 +49,7 @@ class TwistdPluginTests(IntegrationTestCase):
         proxy.wait_for_log("Request", status=200, service="web")
         self.assertEqual(proxy.bad_lines, [])
         # twistd re-raises the signal that stopped it, so its status is "killed by SIGTERM".
-        self.assertIn(proxy.stop(signal.SIGTERM, timeout=15), (0, -signal.SIGTERM))
+        self.assertIn(proxy.stop(signal.SIGTERM), (0, -signal.SIGTERM))
         proxy.wait_for_log("Server stopped")
         self.assertFalse(os.path.exists(proxy.socket_path))
 
@@ -58,9 +59,9 @@ class TwistdPluginTests(IntegrationTestCase):
             proxy = TwistdSigtermWhenStarted()
             self.addCleanup(proxy.cleanup)
             proxy.start(wait_ready=False)
-            proxy.wait_for_log("Server started", timeout=20)
+            proxy.wait_for_log("Server started", timeout=PROCESS_TIMEOUT)
             self.assertTrue(proxy.signalled.wait(5))
-            proxy.proc.wait(15)
+            proxy.proc.wait(PROCESS_TIMEOUT)
             self.assertIn(proxy.stop(), (0, -signal.SIGTERM))
             proxy.wait_for_log("Server stopped")
 
@@ -98,7 +99,7 @@ class TwistdDaemon:
         )
         if done.returncode != 0:
             raise AssertionError(f"twistd exited {done.returncode}: {done.stderr!r}")
-        self.pid = int(eventually(lambda: _read(self.pidfile).strip(), timeout=20))
+        self.pid = int(eventually(lambda: _read(self.pidfile).strip(), timeout=PROCESS_TIMEOUT))
         self.wait_for("Server started: http=")
 
     @property
@@ -108,7 +109,7 @@ class TwistdDaemon:
     def log(self) -> str:
         return _read(self.logfile)
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 20.0) -> str:
+    def wait_for(self, text: str, count: int = 1, timeout: float = PROCESS_TIMEOUT) -> str:
         eventually(lambda: self.log().count(text) >= count, timeout=timeout)
         return self.log()
 
