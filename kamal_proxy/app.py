@@ -37,6 +37,7 @@ from kamal_proxy.options import RunOptions
 from kamal_proxy.process import notify
 from kamal_proxy.process.listening import BindError, ListeningSockets, adopt_unix_port
 from kamal_proxy.routing.router import Router, RouterError
+from kamal_proxy.startup import StartupError
 
 SHUTDOWN_DEADLINE = 10.0
 FLUSH_GRACE = 0.1
@@ -47,10 +48,6 @@ ACCEPT_GRACE = 0.05
 CLOSE_GRACE = 2.0
 #: An upgrade waits for control connections; one that sent no command this long is idle.
 IDLE_CONTROL_GRACE = 1.0
-
-
-class StartupError(Exception):
-    """Printed as ``Error: <message>`` by ``run``; the process exits 1."""
 
 
 class RestoreState(appservice.Service):
@@ -135,6 +132,7 @@ class ControlSocket(appservice.Service):
         if sock is None:
             return
         factory = Factory.forProtocol(lambda: _ControlConnection(self))
+        factory.noisy = False  # no "Starting factory" line in twistd's log
         self.port = adopt_unix_port(self.reactor, sock, factory)
 
     # -- upgrades ------------------------------------------------------------------------------
@@ -519,6 +517,23 @@ class ProxyService(appservice.MultiService):
             info("Server stopped")
 
 
+def upstream_pool(reactor, host: str, port: int):
+    """A target's keep-alive connection pool: the proxy's, given to routing (which lies below
+    the proxy and does not import it)."""
+    from kamal_proxy.proxy.upstream import UpstreamPool
+
+    return UpstreamPool(reactor, host, port)
+
+
+def health_check(reactor, address: str, config, report):
+    """A target's health check (``health.checker``), given to routing like the pool; it
+    reports ``(ok, reason)`` so that a deploy can show why its targets are not healthy yet."""
+    from kamal_proxy.health.checker import HealthCheck
+
+    check = HealthCheck(reactor, address, config, lambda ok: report(ok, check.last_error))
+    return check
+
+
 def setup_service(service, tls=None) -> None:
     """Per-service extras built at deploy and restore; a failure refuses the deploy."""
     from kamal_proxy.proxy.pages import ErrorPages, PagesError
@@ -581,7 +596,13 @@ def make_service(
     sockets = successor.sockets if successor is not None else ListeningSockets()
 
     # The state file's place is settled at start (RestoreState), as the user we run as.
-    router = Router(reactor, None, service_setup=lambda s: setup_service(s, tls))
+    router = Router(
+        reactor,
+        None,
+        upstream_pool,
+        service_setup=lambda s: setup_service(s, tls),
+        health_check_factory=health_check,
+    )
     tls = TLS(
         reactor,
         router,

@@ -15,13 +15,15 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from kamal_proxy.observe.events import info
-from kamal_proxy.routing.options import HealthCheckConfig
+from kamal_proxy.service_options import HealthCheckConfig
 
 USER_AGENT = b"kamal-proxy"
 MAX_REDIRECTS = 10
@@ -95,16 +97,44 @@ def _is_loopback(host: str) -> bool:
 
 
 def health_agent(reactor, url: str):
-    """A non-persistent Agent, or a ProxyAgent when the environment names an HTTP proxy."""
+    """A non-persistent Agent, or a ProxyAgent when the environment names an HTTP proxy;
+    quiet, so that twistd's log gets no "Starting factory" line per check."""
     proxy = proxy_for(url)
+    pool = HTTPConnectionPool(reactor, persistent=False)
     if proxy is None:
-        return Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-    endpoint = HostnameEndpoint(reactor, proxy[0], proxy[1])
-    return ProxyAgent(endpoint, reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        return Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor), pool=pool)
+    endpoint = _QuietEndpoint(HostnameEndpoint(reactor, proxy[0], proxy[1]))
+    return ProxyAgent(endpoint, reactor, pool=pool)
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """Connects with the given factory made quiet (``noisy = False``)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        factory.noisy = False
+        return self._endpoint.connect(factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _QuietEndpoints:
+    """The endpoints Agent would use for ``http://`` URLs, made quiet."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri):  # noqa: N802 - Twisted's interface
+        return _QuietEndpoint(HostnameEndpoint(self._reactor, uri.host, uri.port))
 
 
 class HealthCheck:
     """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
+
+    #: Why the check just reported failed (None when it passed), for a deploy's progress.
+    last_error: str | None = None
 
     def __init__(
         self,
@@ -151,6 +181,10 @@ class HealthCheck:
             self._running = None
             if self._closed:
                 return
+            if result is None or isinstance(result, str):
+                self.last_error = result
+            else:
+                self.last_error = getattr(result, "getErrorMessage", lambda: str(result))()
             self._report(result is None)
 
         d.addBoth(finished)

@@ -10,9 +10,7 @@ it also has prometheus_client's standard ``process_*`` series.
 
 from __future__ import annotations
 
-import errno
 import gzip
-import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +29,7 @@ from twisted.internet import error as neterror
 from twisted.web import resource, server
 
 from kamal_proxy.observe.events import error, info
+from kamal_proxy.startup import BindError, StartupError, bind_reason
 
 __all__ = [
     "BUCKETS",
@@ -373,20 +372,14 @@ class MetricsService(appservice.Service):
                 interface=self.interface,
             )
         except neterror.CannotListenError as e:
-            from kamal_proxy.app import StartupError
-
             raise StartupError(
-                f"listen tcp :{self.requested_port}: bind: {_bind_reason(e)}"
+                f"listen tcp :{self.requested_port}: bind: {bind_reason(e)}"
             ) from None
 
     def _adopt(self) -> None:
-        from kamal_proxy.process.listening import BindError
-
         try:
             sock = self.sockets.tcp("metrics", self.requested_port, self.interface)
         except BindError as e:
-            from kamal_proxy.app import StartupError
-
             raise StartupError(f"listen tcp :{self.requested_port}: bind: {e.reason}") from None
         self.port = self.reactor.adoptStreamPort(
             sock.fileno(), sock.family, metrics_site(self.metrics, self.gather)
@@ -400,15 +393,3 @@ class MetricsService(appservice.Service):
         if self.sockets is not None:
             self.sockets.close("metrics")
         return defer.maybeDeferred(port.stopListening)
-
-
-def _bind_reason(e: neterror.CannotListenError) -> str:
-    err = e.socketError
-    code = getattr(err, "errno", None)
-    if not isinstance(code, int) and getattr(err, "args", None):
-        code = err.args[0]
-    if code == errno.EADDRINUSE:
-        return "address already in use"
-    if isinstance(code, int):
-        return os.strerror(code).lower()
-    return str(err)

@@ -15,36 +15,17 @@ the listening socket for every process that shares it).
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import stat
 from collections.abc import Iterator, Mapping
 
+from kamal_proxy.startup import BindError
+
 #: As Twisted's ``listenTCP``; the kernel caps it at ``net.core.somaxconn``.
 BACKLOG = 1024
 #: As Twisted's ``listenUNIX``.
 UNIX_BACKLOG = 50
-
-
-class BindError(OSError):
-    """A socket could not be opened; ``kind`` and ``address`` name it as Go does in errors
-    (``listen tcp :80: bind: address already in use``)."""
-
-    def __init__(self, kind: str, address: str, cause: OSError) -> None:
-        super().__init__(cause.errno, cause.strerror)
-        self.kind = kind
-        self.address = address
-        self.cause = cause
-
-    @property
-    def reason(self) -> str:
-        code = self.cause.errno
-        if code == errno.EADDRINUSE:
-            return "address already in use"
-        if isinstance(code, int):
-            return os.strerror(code).lower()
-        return str(self.cause)
 
 
 def bind_tcp(port: int, interface: str = "::") -> socket.socket:

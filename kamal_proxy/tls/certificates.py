@@ -29,7 +29,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from kamal_proxy import options as paths
 from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe.events import error, warn
-from kamal_proxy.routing.options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
+from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
 from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
 from kamal_proxy.tls.probe import ProbeResource, probe
 from kamal_proxy.tls.sni import CertificateSelector, server_context, tls_server_factory
