@@ -579,6 +579,21 @@ class DataPlane:
         self.sites = [self.http_site, self.https_site]
 
 
+def load_deferred_modules() -> None:
+    """Import what the server loads on first use (``run`` starts without it): for a process
+    that may lose the right to read its Python installation (``twistd -u``)."""
+    import codecs
+
+    import twisted.web.client  # noqa: F401
+
+    import kamal_proxy.health.checker  # noqa: F401
+    import kamal_proxy.tls.certificates  # noqa: F401
+    from kamal_proxy.tls.acme import load_libraries
+
+    load_libraries()
+    codecs.lookup("idna")  # host names are encoded with it (getaddrinfo)
+
+
 def make_service(
     options: RunOptions, reactor=None, relaunch=None, preforked=None
 ) -> appservice.MultiService:

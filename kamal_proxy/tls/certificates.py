@@ -19,18 +19,16 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
-import treq
 from OpenSSL import SSL
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from kamal_proxy import options as paths
 from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe.events import error, warn
 from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
-from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
+from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at, treq
 from kamal_proxy.tls.probe import ProbeResource, probe
 from kamal_proxy.tls.sni import CertificateSelector, server_context, tls_server_factory
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir, pem_blocks
@@ -336,7 +334,9 @@ class AcmeCertificates:
 # -- assembly ------------------------------------------------------------------------------------
 
 
-def _trust_policy(ca_bundle: str) -> BrowserLikePolicyForHTTPS:
+def _trust_policy(ca_bundle: str) -> Any:
+    from twisted.web.client import BrowserLikePolicyForHTTPS  # an HTTP client: on first use
+
     if not ca_bundle:
         return BrowserLikePolicyForHTTPS()
     with open(ca_bundle, "rb") as f:
@@ -375,12 +375,16 @@ class TLS:
 
     # -- HTTP clients -------------------------------------------------------------------------
 
-    def _acme_http(self) -> treq.client.HTTPClient:
+    def _acme_http(self) -> Any:
+        from twisted.web.client import Agent, HTTPConnectionPool
+
         pool = HTTPConnectionPool(self.reactor, persistent=True)
         policy = _trust_policy(self.acme_ca_bundle)
         return treq.client.HTTPClient(Agent(self.reactor, contextFactory=policy, pool=pool))
 
-    def _on_demand_http(self) -> treq.client.HTTPClient:
+    def _on_demand_http(self) -> Any:
+        from twisted.web.client import Agent, HTTPConnectionPool
+
         if self._check_http is None:
             pool = HTTPConnectionPool(self.reactor, persistent=False)
             self._check_http = treq.client.HTTPClient(Agent(self.reactor, pool=pool))

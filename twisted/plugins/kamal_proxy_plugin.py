@@ -111,9 +111,12 @@ class KamalProxyServiceMaker:
     def makeService(self, options: Options) -> Any:
         from twisted.internet import reactor
 
-        from kamal_proxy.app import make_service
+        from kamal_proxy.app import load_deferred_modules, make_service
         from kamal_proxy.observe import log
 
+        # twistd may switch to another user (-u/-g) once the service is made, who may not be
+        # able to read the Python installation: load now what `run` loads on first use.
+        load_deferred_modules()
         json_log = log.active()
         if json_log is None:
             # twistd's own text log: request lines become events of it (a daemon has no
