@@ -363,7 +363,7 @@ class UnderLoadTests(UpgradeTestCase):
             ca_file=cert.ca_path,
         ).start()
         self.addCleanup(load.finish)
-        time.sleep(1.0)
+        load.wait_each_served()  # every kind of request went through before the first upgrade
 
         targets = [green, blue]
         commits = []
@@ -389,11 +389,12 @@ class UnderLoadTests(UpgradeTestCase):
             self.assertServedBy(proxy, WEB, up.name)
             self.assertNotEqual(proxy.pid, old)
 
-        # Let the last old process reach its bound (its WebSocket closes), then stop the load.
-        time.sleep(self.DRAIN + 3)
-        out = load.finish()
+        # The last old process reaches its bound (its WebSocket closes) and exits; then every
+        # kind of request goes through the last new one before the load stops.
         for pid in proxy.pids[:-1]:
-            wait_pid_gone(pid, 15)
+            wait_pid_gone(pid, self.DRAIN + 15)
+        load.wait_each_served()
+        out = load.finish()
 
         summary = (
             f"\n  {self.UPGRADES} upgrades ({IT_WORKERS} worker(s)) in "

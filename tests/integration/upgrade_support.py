@@ -196,7 +196,8 @@ class MixedLoad:
         self.ca_file = ca_file
         self.pace = pace
         self.out = Outcomes()
-        self.lock = threading.Lock()
+        # A condition: waiters learn of each success (wait_each_served).
+        self.lock = threading.Condition(threading.Lock())
         self.stopping = threading.Event()
         self.deadline = time.monotonic() + HARD_LIMIT
         kinds = [
@@ -240,11 +241,34 @@ class MixedLoad:
         with self.lock:
             return dict(self.out.ok)
 
+    def _served(self) -> dict[str, int]:
+        served = dict(self.out.ok)
+        served["websocket"] = self.out.ws_echoes
+        return served
+
+    def wait_each_served(self, timeout: float = 60.0) -> None:
+        """Return once every kind of load running has had one more success than when this
+        was called (an order of events: each kind went through the proxy since then)."""
+        kinds = {t.name for t in self.threads}
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            before = self._served()
+            while True:
+                now = self._served()
+                behind = sorted(k for k in kinds if now.get(k, 0) <= before.get(k, 0))
+                if not behind:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no success of {behind} within {timeout:g}s")
+                self.lock.wait(left)
+
     # -- recording ---------------------------------------------------------------------------
 
     def _ok(self, kind: str) -> None:
         with self.lock:
             self.out.ok[kind] = self.out.ok.get(kind, 0) + 1
+            self.lock.notify_all()
 
     def _fail(self, kind: str, problem: str) -> None:
         with self.lock:
@@ -441,6 +465,7 @@ class MixedLoad:
                         break
                     with self.lock:
                         self.out.ws_echoes += 1
+                        self.lock.notify_all()
                     time.sleep(0.05)
 
     def _ws_closed(self, opened: float, how: str) -> None:
