@@ -595,11 +595,12 @@ def load_deferred_modules() -> None:
 
 
 def make_service(
-    options: RunOptions, reactor=None, relaunch=None, preforked=None
+    options: RunOptions, reactor=None, relaunch=None, preforked=None, sockets=None
 ) -> appservice.MultiService:
     """The server.  ``relaunch`` (``process/relaunch.py``) says how an upgrade starts it
     again; by default as this process was started (``kamal-proxy run``).  ``preforked`` are
-    children forked to become the first workers (``process/prefork.py``)."""
+    children forked to become the first workers (``process/prefork.py``); ``sockets`` those
+    ``run`` bound before loading the server (``ListeningSockets.bound_early``)."""
     raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor
@@ -608,7 +609,10 @@ def make_service(
 
     # Started by an upgrade: the sockets are inherited, the old process waits for our word.
     successor = Successor.from_environ(reactor)
-    sockets = successor.sockets if successor is not None else ListeningSockets()
+    if successor is not None:
+        sockets = successor.sockets
+    elif sockets is None:
+        sockets = ListeningSockets()
 
     # The state file's place is settled at start (RestoreState), as the user we run as.
     router = Router(
@@ -808,7 +812,7 @@ def _add_upgrades(top: ProxyService, reactor, relaunch) -> None:
     UpgradeSignal(reactor, upgrader).setServiceParent(top)
 
 
-def run_server(options: RunOptions) -> int:
+def run_server(options: RunOptions, sockets: ListeningSockets | None = None) -> int:
     """``kamal-proxy run``: start, serve until SIGTERM/SIGINT, then exit the process (0);
     returns 1 if the server cannot start (after printing ``Error: <why>``)."""
     if options.workers < 1:
@@ -830,7 +834,7 @@ def run_server(options: RunOptions) -> int:
     log = start_logging(debug=options.debug)
     log.batch_flushes(reactor.callLater)
     try:
-        top = make_service(options, reactor, preforked=preforked)
+        top = make_service(options, reactor, preforked=preforked, sockets=sockets)
         top.privilegedStartService()
         top.startService()
     except StartupError as e:

@@ -94,6 +94,25 @@ class ListeningSocketsTests(TempDir):
         self.assertFalse(inherited.inherited("udp.1"))
         self.assertEqual(inherited.fds(), {})
 
+    def test_ports_bound_early_queue_connections_and_are_used_later(self):
+        taken = bind_tcp(0)
+        self.addCleanup(taken.close)
+        busy = taken.getsockname()[1]
+        free = _free_port()
+        early = ListeningSockets.bound_early({"http": free, "https": busy, "unused": _free_port()})
+        self.addCleanup(early.close_all)
+        # A connection made before the server runs waits in the backlog.
+        self.assertTrue(_accepts(("127.0.0.1", free)))
+        self.assertTrue(early.inherited("http"))
+        self.assertFalse(early.inherited("https"))  # left to the usual bind and its error
+        sock = early.tcp("http", free)
+        self.assertEqual(sock.getsockname()[1], free)
+        self.assertFalse(early.inherited("http"))
+        with self.assertRaises(BindError):
+            early.tcp("https", busy)
+        early.close_unclaimed()
+        self.assertFalse(early.inherited("unused"))
+
     def test_bind_errors_say_why_as_go_does(self):
         taken = bind_tcp(0)
         self.addCleanup(taken.close)

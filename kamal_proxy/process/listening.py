@@ -138,6 +138,22 @@ class ListeningSockets:
             registry._inherited[role] = sock
         return registry
 
+    @classmethod
+    def bound_early(cls, ports: Mapping[str, int]) -> ListeningSockets:
+        """Role -> TCP port bound first thing at start (``kamal-proxy run``), before the
+        server's modules are imported: from then on a connection waits in the backlog for the
+        server instead of being refused.  Best effort: a port that cannot be bound now is left
+        to the usual bind, which reports why; one the server does not ask for is closed."""
+        registry = cls()
+        for role, port in ports.items():
+            if port <= 0:
+                continue
+            try:
+                registry._inherited[role] = bind_tcp(port)
+            except OSError:
+                pass
+        return registry
+
     # -- the sockets of each role ------------------------------------------------------------
 
     def tcp(self, role: str, port: int, interface: str = "::") -> socket.socket:
