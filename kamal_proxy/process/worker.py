@@ -15,12 +15,6 @@ process goes away.
 
 from __future__ import annotations
 
-# The server's own module first: it decides how Twisted's modules are loaded (the data plane
-# loads the TLS libraries only once TLS is used), which AMP's import would settle otherwise.
-import kamal_proxy.app  # noqa: F401
-
-# isort: split
-
 import ctypes
 import json
 import os
