@@ -92,6 +92,10 @@ class PreforkTests(unittest.TestCase):
         child.discard()
         self.assertIsNone(_state(pid))
 
+    def test_no_fork_once_a_reactor_is_installed(self):
+        # (trial's reactor is.)
+        self.assertEqual(prefork.fork_workers(2), [])
+
     def test_descriptors_move_to_their_numbers(self):
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()

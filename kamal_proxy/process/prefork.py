@@ -76,7 +76,13 @@ class Preforked:
 
 
 def fork_workers(count: int) -> list[Preforked]:
-    """Fork ``count`` children that wait to become workers (call before the reactor exists)."""
+    """Fork ``count`` children that wait to become workers; none once a reactor is installed
+    or another thread runs (a forked child would share the reactor's kernel objects, or hold
+    a lock some thread had): the workers are then spawned."""
+    import threading
+
+    if "twisted.internet.reactor" in sys.modules or threading.active_count() > 1:
+        return []
     children: list[Preforked] = []
     for _ in range(count):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
