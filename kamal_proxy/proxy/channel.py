@@ -16,6 +16,7 @@ is served through the same adapter, so the channel can be exercised on its own.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -246,6 +247,9 @@ class RequestBody:
         self._buf = []
 
     def _end(self, error: Exception | None) -> None:
+        # The consumer (the upstream exchange) holds this body: drop it, no cycle is left.
+        self._consumer = None
+        self._stopped = True
         d, self._d = self._d, None
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
@@ -952,6 +956,12 @@ class ProxySite(Factory):
         self.secure = bool(getattr(resource, "secure", False))
         self.connections: set[HTTP1Channel] = set()
         self._web_site: Any = None
+
+    def startFactory(self) -> None:
+        """The listener opens: what exists now (modules, routing state) lives as long as the
+        process, so the cyclic GC need not scan it again (gc.freeze; a full collection
+        otherwise walks some 60,000 start-up objects, a 15 ms pause)."""
+        gc.freeze()
 
     def buildProtocol(self, addr: Any) -> Protocol:
         channel = HTTP1Channel(self)

@@ -776,6 +776,9 @@ class ProxyExchange:
             return
         self.finished = True
         self.res.tracker.remove(self)
+        # The request holds its exchange and the exchange the request: break the cycle, so
+        # refcounting frees both at once (the cyclic GC would cost ~10 µs per request).
+        self.request.exchange = None
         if self.pending is not None:
             self.pending.cancel()
         if self.req_buffer is not None:

@@ -431,6 +431,8 @@ class Exchange:
 
     def _complete(self, result: BaseException | None) -> None:
         self._result = result
+        # The sink (the pipeline's exchange) holds this exchange: let refcounting free both.
+        self._sink = None
         on_done = self._on_done
         if on_done is not None:
             self._on_done = None
