@@ -20,6 +20,7 @@ from twisted.internet.task import deferLater
 
 from kamal_proxy import options as paths
 from kamal_proxy.control.server import ControlProtocol
+from kamal_proxy.limits import raise_open_files_limit
 from kamal_proxy.observe.events import debug, error, info, warn
 from kamal_proxy.options import RunOptions
 from kamal_proxy.routing.router import Router, RouterError
@@ -196,6 +197,7 @@ def setup_service(service, tls=None) -> None:
 
 
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
+    raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor
     from kamal_proxy.proxy.channel import make_site
@@ -216,9 +218,6 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     top.tls = tls
 
     RestoreState(router).setServiceParent(top)
-    if options.http3:
-        # Honest about it: no QUIC stack here, so no UDP listener and no Alt-Svc header.
-        warn("HTTP/3 is not supported by this implementation; serving HTTP/1.1 and HTTP/2")
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
 
@@ -249,9 +248,28 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     https = Listener(reactor, options.https_port, tls.server_factory(https_site))
     http.setServiceParent(top)
     https.setServiceParent(top)
+    if options.http3:
+        _add_http3(top, reactor, options.https_port, tls, https_site, https_resource)
     ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)
     Announce(reactor, http, https).setServiceParent(top)
     return top
+
+
+def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
+    """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
+    from kamal_proxy.proxy.alt_svc import alt_svc_request
+    from kamal_proxy.proxy.http3 import Http3Server
+    from kamal_proxy.proxy.http3_bridge import Http3Bridge
+    from kamal_proxy.proxy.http3_listener import Http3Listener
+
+    https_site.requestFactory = alt_svc_request(port)
+    server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
+    Http3Listener(
+        reactor,
+        port,
+        server,
+        lambda e: StartupError(f"listen udp :{port}: bind: {_reason(e)}"),
+    ).setServiceParent(top)
 
 
 def run_server(options: RunOptions) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -60,7 +59,11 @@ def env_bool(key: str, default: bool, environ: Mapping[str, str] | None = None) 
 
 def temp_dir(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get("TMPDIR") or tempfile.gettempdir()
+    if env.get("TMPDIR"):
+        return env["TMPDIR"]
+    import tempfile  # only here: it costs a CLI call more than the rest of this module
+
+    return tempfile.gettempdir()
 
 
 def socket_path(environ: Mapping[str, str] | None = None) -> str:
@@ -84,10 +87,28 @@ def data_dir(environ: Mapping[str, str] | None = None) -> str:
         home = temp_dir(env)
     path = os.path.join(home, ".config", "kamal-proxy")
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        make_private_dirs(path)
     except OSError:
         return temp_dir(env)
     return path
+
+
+def make_private_dirs(path: str) -> None:
+    """Go's ``os.MkdirAll(path, 0700)``: every directory created on the way gets mode 0700.
+
+    (``os.makedirs`` gives the mode to the last one only: a missing ``~/.config`` would be
+    0755, or 0777 under umask 000.)  Directories that already exist are left as they are.
+    """
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def state_path(environ: Mapping[str, str] | None = None) -> str:

@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from click.testing import CliRunner
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.protocol import Factory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols import amp
@@ -862,7 +862,7 @@ class FakeControlServer(amp.AMP):
 
 
 class ControlClientTests(unittest.TestCase):
-    """control.client against an AMP server on a real Unix socket, in this reactor."""
+    """control.client (blocking, in a thread) against an AMP server on a real Unix socket."""
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="kp-sock-")
@@ -874,24 +874,47 @@ class ControlClientTests(unittest.TestCase):
         )
         self.addCleanup(port.stopListening)
 
+    def call(self, command: type, path: str | None = None, **arguments: Any):
+        return threads.deferToThread(client.call, command, path or self.path, **arguments)
+
     async def test_call_returns_the_reply(self):
-        reply = await client.call(reactor, self.path, commands.List)
+        reply = await self.call(commands.List)
         self.assertEqual(json.loads(reply["services"])["web"]["target"], "localhost:3000")
+
+    async def test_call_sends_the_arguments(self):
+        await self.call(
+            commands.Deploy,
+            service="app",
+            targets=["web-1:3000", "web-2:3000"],
+            readers=[],
+            deploy_timeout=5 * SECOND,
+            drain_timeout=0,
+            force=True,
+            service_options="{}",
+            target_options='{"x": "\u00e9"}',
+        )
+        [(name, arguments)] = self.received
+        self.assertEqual(name, "deploy")
+        self.assertEqual(arguments["targets"], ["web-1:3000", "web-2:3000"])
+        self.assertEqual(arguments["readers"], [])
+        self.assertEqual(arguments["deploy_timeout"], 5 * SECOND)
+        self.assertIs(arguments["force"], True)
+        self.assertEqual(arguments["target_options"], '{"x": "\u00e9"}')
 
     async def test_command_failed_carries_the_message(self):
         with self.assertRaises(client.ControlError) as caught:
-            await client.call(reactor, self.path, commands.Remove, service="missing")
+            await self.call(commands.Remove, service="missing")
         self.assertEqual(str(caught.exception), "service not found")
 
     async def test_lost_connection_is_unexpected_eof(self):
         with self.assertRaises(client.ControlError) as caught:
-            await client.call(reactor, self.path, commands.Remove, service="hangup")
+            await self.call(commands.Remove, service="hangup")
         self.assertEqual(str(caught.exception), "unexpected EOF")
 
     async def test_dial_error(self):
         missing = os.path.join(self.dir, "nope.sock")
         with self.assertRaises(client.ControlError) as caught:
-            await client.call(reactor, missing, commands.List)
+            await self.call(commands.List, missing)
         self.assertEqual(
             str(caught.exception), f"dial unix {missing}: connect: no such file or directory"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,14 +25,16 @@ from kamal_proxy.observe.metrics import (
 LABELS = ("service", "method", "status")
 
 
-def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
-    """Every sample of the text exposition as {(name, sorted labels): value}."""
+def samples(metrics: Metrics, prefix: str = "kamal_proxy_") -> dict[tuple[str, tuple], float]:
+    """Every sample of the text exposition whose name has ``prefix``, as
+    {(name, sorted labels): value}."""
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain"), content_type
     out: dict[tuple[str, tuple], float] = {}
     for family in text_string_to_metric_families(body.decode("utf-8")):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            if s.name.startswith(prefix):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
 
@@ -117,11 +120,26 @@ class MetricsTests(unittest.TestCase):
 
     def test_series_created_lazily(self) -> None:
         m = Metrics()
-        body, _ = m.exposition()
-        self.assertEqual(body, b"")
+        self.assertEqual(samples(m), {})
         m.inflight("web")
         s = samples(m)
         self.assertEqual(s, {key("kamal_proxy_http_in_flight_requests", service="web"): 0})
+
+    def test_process_series(self) -> None:
+        if not os.path.exists("/proc/self/stat"):
+            raise unittest.SkipTest("prometheus_client reads the process_* series from /proc")
+        s = samples(Metrics(), prefix="process_")
+        for name in (
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_start_time_seconds",
+            "process_open_fds",
+            "process_max_fds",
+        ):
+            self.assertIn(key(name), s)
+        self.assertGreater(s[key("process_resident_memory_bytes")], 0)
+        self.assertGreater(s[key("process_open_fds")], 0)
 
     def test_inflight_gauge(self) -> None:
         m = Metrics()

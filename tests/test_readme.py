@@ -23,9 +23,12 @@ COMMANDS = [
     ["rollout", "deploy"],
     ["rollout", "set"],
     ["rollout", "stop"],
+    ["completion"],
 ]
-# The syntax placeholder, the example app's own flags (example/app/app.py) and twistd's.
+# The syntax placeholder, the example app's own flags (example/app/app.py), twistd's, Kamal's
+# (`kamal proxy boot_config set`) and Docker's.
 NOT_OURS = {"--help", "--flag", "--port", "--version", "--logger"}
+NOT_OURS |= {"--registry", "--repository", "--image", "--rm", "--ulimit"}
 
 
 def help_text(args: list[str]) -> str:
@@ -43,7 +46,8 @@ class ReadmeTests(unittest.TestCase):
         self.assertEqual(missing, [], "flags in README.md that no command knows")
 
     def test_every_command_line_in_the_readme_parses_its_command(self):
-        lines = re.findall(r"kamal-proxy ((?:rollout )?[a-z]+)", README)
+        # (`docker exec kamal-proxy kamal-proxy list` names the container, then the command.)
+        lines = re.findall(r"kamal-proxy (?!kamal-proxy )((?:rollout )?[a-z]+)", README)
         names = {line.split()[0] if not line.startswith("rollout") else line for line in lines}
         known = {" ".join(c) for c in COMMANDS} | {"help", "ls", "rm", "rollout", "for"}
         self.assertEqual(sorted(names - known), [])
@@ -55,3 +59,22 @@ class ReadmeTests(unittest.TestCase):
         run = help_text(["run"])
         self.assertIn("(default 80)", run)
         self.assertIn("(default 443)", run)
+
+    def test_troubleshooting_explains_the_dial_error_the_cli_prints(self):
+        section = README[README.index("## Troubleshooting") :]
+        section = section[: section.index("\n## ", 1)]
+        documented = re.search(
+            r"`(Error: dial unix (\S+): connect: no such file or directory)`", section
+        )
+        self.assertIsNotNone(documented)
+        path = documented.group(2)
+        result = CliRunner().invoke(build_root(environ={"KAMAL_PROXY_SOCKET": path}), ["list"])
+        self.assertEqual(result.exit_code, 1)
+        self.assertEqual(result.stderr, documented.group(1) + "\n")
+
+    def test_completion_is_documented(self):
+        section = README[README.index("### `completion`") :]
+        for shell in ("bash", "zsh", "fish", "powershell"):
+            self.assertIn(f"kamal-proxy completion {shell}", section)
+            result = CliRunner().invoke(build_root(environ={}), ["completion", shell])
+            self.assertEqual(result.exit_code, 0, result.output)

@@ -6,12 +6,10 @@ reaches the server; the server validates again because the socket can be used di
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 from kamal_proxy.cli.command import CLIError, CobraCommand, Invocation, Spec, exact_args
 from kamal_proxy.cli.flags import BOOL, DURATION, INT, INT64, STRING, STRING_SLICE, Flag
-from kamal_proxy.control import commands
 from kamal_proxy.options import default_acme_cache_path
 from kamal_proxy.routing.options import (
     ACME_STAGING_DIRECTORY,
@@ -258,6 +256,10 @@ def pre_run(inv: Invocation) -> None:
 
 
 def run(inv: Invocation) -> None:
+    import json
+
+    from kamal_proxy.control import commands
+
     inv.send(
         commands.Deploy,
         service=inv.args[0],

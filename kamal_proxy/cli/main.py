@@ -7,7 +7,9 @@ The tree is rebuilt for each run from the environment, because flag defaults dep
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from kamal_proxy.cli.command import ROOT_NAME, CobraCommand, Runtime, Spec, Transport, help_command
@@ -42,10 +44,32 @@ def build_root(
 
 
 def _dial(command: type, path: str, **arguments: Any) -> dict[str, Any]:
-    """The real transport; Twisted is imported only by commands that talk to the server."""
-    from kamal_proxy.control.client import call_blocking
+    """The real transport: one blocking call over the control socket, ended by Ctrl-C."""
+    from kamal_proxy.control.client import call
 
-    return call_blocking(command, path, **arguments)
+    with sigint_kills():
+        return call(command, path, **arguments)
+
+
+@contextmanager
+def sigint_kills() -> Iterator[None]:
+    """While waiting for the server, SIGINT kills the process at once, as it does Go's.
+
+    The shell then sees a death by SIGINT (status 130) rather than a ``KeyboardInterrupt``
+    traceback or click's ``Aborted!``; the server goes on with what it was asked, as with the
+    Go original.  A SIGINT that the parent made us ignore (a background job) stays ignored.
+    """
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:

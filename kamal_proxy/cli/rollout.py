@@ -5,10 +5,11 @@ from __future__ import annotations
 from kamal_proxy.cli.command import CobraCommand, Invocation, Spec, exact_args
 from kamal_proxy.cli.deploy import target_flags, timeout_flags
 from kamal_proxy.cli.flags import INT, STRING_SLICE, Flag
-from kamal_proxy.control import commands
 
 
 def _run_deploy(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(
         commands.RolloutDeploy,
         service=inv.args[0],
@@ -20,6 +21,8 @@ def _run_deploy(inv: Invocation) -> None:
 
 
 def _run_set(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(
         commands.RolloutSet,
         service=inv.args[0],
@@ -29,6 +32,8 @@ def _run_set(inv: Invocation) -> None:
 
 
 def _run_stop(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(commands.RolloutStop, service=inv.args[0])
 
 

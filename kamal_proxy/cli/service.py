@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +9,6 @@ import click
 
 from kamal_proxy.cli.command import CobraCommand, Invocation, Spec, exact_args, no_args
 from kamal_proxy.cli.flags import DURATION, STRING, Flag
-from kamal_proxy.control import commands
 from kamal_proxy.routing.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_PAUSE_TIMEOUT
 
 HEADER_STYLE = "3;94"
@@ -58,7 +56,15 @@ def _width(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+# The control contract (and json) are imported by the functions that call the server, so that
+# help and flag errors do not load them.
+
+
 def _run_list(inv: Invocation) -> None:
+    import json
+
+    from kamal_proxy.control import commands
+
     reply = inv.send(commands.List)
     services = json.loads(reply.get("services") or "{}")
     # color=True: the table carries its ANSI styles even when stdout is a pipe, as in Go.
@@ -66,10 +72,14 @@ def _run_list(inv: Invocation) -> None:
 
 
 def _run_remove(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(commands.Remove, service=inv.args[0])
 
 
 def _run_pause(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(
         commands.Pause,
         service=inv.args[0],
@@ -79,6 +89,8 @@ def _run_pause(inv: Invocation) -> None:
 
 
 def _run_stop(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(
         commands.Stop,
         service=inv.args[0],
@@ -88,6 +100,8 @@ def _run_stop(inv: Invocation) -> None:
 
 
 def _run_resume(inv: Invocation) -> None:
+    from kamal_proxy.control import commands
+
     inv.send(commands.Resume, service=inv.args[0])
 
 

@@ -4,7 +4,8 @@ Recording happens once per request on the hot path, so the series are plain Pyth
 updated in the reactor thread (no locks, no per-request label validation) and handed to
 prometheus_client as a custom collector only when scraped.  The counter and the histogram
 share one series object: both are updated together with the same labels, so the counter's
-value is the histogram's count.  The registry is our own, not prometheus_client's global one.
+value is the histogram's count.  The registry is our own, not prometheus_client's global one;
+it also has prometheus_client's standard ``process_*`` series.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -96,6 +97,8 @@ class Metrics:
         self._inflight: dict[str, InFlight] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        # The standard process_* series (CPU, memory, open fds...), as the Go original exports.
+        ProcessCollector(registry=self.registry)
 
     def observe(self, service: str, method: bytes | str, status: int, duration_s: float) -> None:
         """Count one finished request and its duration (at the time it is logged)."""

@@ -8,8 +8,9 @@ A TLS service gets one source in ``service.certificates``:
   configured hosts (a whitelist), or for any host an :class:`OnDemandPolicy` allows (§16.4).
 
 Each source answers three questions: ``context_for(name)`` during the handshake (synchronous,
-memory only), ``prepare(name)`` before the handshake starts (None = go ahead, or a Deferred to
-wait for), and ``http01_response(host, path)`` for the ACME stage of the pipeline (P9).
+memory only; ``key_and_chain(name)`` is the same certificate as keys, for QUIC),
+``prepare(name)`` before the handshake starts (None = go ahead, or a Deferred to wait for),
+and ``http01_response(host, path)`` for the ACME stage of the pipeline (P9).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kamal_proxy.observe.events import error, warn
 from kamal_proxy.routing.options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
 from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
 from kamal_proxy.tls.probe import ProbeResource, probe
-from kamal_proxy.tls.sni import server_context, tls_server_factory
+from kamal_proxy.tls.sni import CertificateSelector, server_context, tls_server_factory
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir, pem_blocks
 
 ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -98,6 +99,9 @@ class StaticCertificate:
 
     def context_for(self, name: str) -> SSL.Context:
         return self.context
+
+    def key_and_chain(self, name: str) -> KeyAndChain:
+        return self.entry
 
     def prepare(self, name: str) -> None:
         return None
@@ -268,6 +272,11 @@ class AcmeCertificates:
                 )
 
     def context_for(self, server_name: str) -> SSL.Context | None:
+        entry = self.key_and_chain(server_name)
+        return None if entry is None else server_context(entry)
+
+    def key_and_chain(self, server_name: str) -> KeyAndChain | None:
+        """The cached certificate for the name (memory only); starts a due renewal."""
         name = acme_name(server_name)
         self._allowed_now(name)
         issuer = self.issuer
@@ -279,7 +288,7 @@ class AcmeCertificates:
             return None
         if now >= renew_at(entry) and not issuer.in_flight(name) and not issuer.in_backoff(name):
             issuer.obtain(name).addErrback(lambda _: None)
-        return server_context(entry)
+        return entry
 
     def prepare(self, server_name: str) -> defer.Deferred | None:
         try:
@@ -431,3 +440,7 @@ class TLS:
 
     def server_factory(self, site: protocol.Factory) -> protocol.Factory:
         return tls_server_factory(self.reactor, self.router, site)
+
+    def selector(self) -> CertificateSelector:
+        """The same SNI choice as the HTTPS port, for the HTTP/3 listener."""
+        return CertificateSelector(self.router)

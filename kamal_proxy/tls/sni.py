@@ -186,6 +186,19 @@ class CertificateSelector:
             debug("ACME: Unable to get certificate", host=name, error=str(e))
             return None
 
+    def key_and_chain(self, server_name: str | None) -> KeyAndChain | None:
+        """The same choice as ``__call__`` as keys and chain, for an HTTP/3 (QUIC) handshake:
+        aioquic signs with ``cryptography`` keys, not with an OpenSSL context."""
+        found = self._source(server_name, False)
+        if found is None:
+            return None
+        source, name = found
+        try:
+            return source.key_and_chain(name)
+        except Exception as e:  # noqa: BLE001 - a handshake failure, never a crash
+            debug("ACME: Unable to get certificate", host=name, error=str(e))
+            return None
+
     def prepare(self, server_name: str | None) -> defer.Deferred | None:
         """None when the handshake can go ahead now; else a Deferred to wait for first."""
         found = self._source(server_name, True)

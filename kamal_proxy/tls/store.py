@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from kamal_proxy.options import make_private_dirs
+
 ACCOUNT_KEY_NAME = "acme_account+key"
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
@@ -111,19 +113,6 @@ def keys_match(key, certificate: x509.Certificate) -> bool:
     return key.public_key().public_bytes(*fmt) == certificate.public_key().public_bytes(*fmt)
 
 
-def _make_private_dirs(path: str) -> None:
-    """``os.MkdirAll(path, 0700)``: every directory created on the way gets mode 0700."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent and parent != path:
-        _make_private_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-
-
 class CertificateStore:
     """One cache directory (for one ACME directory URL)."""
 
@@ -154,7 +143,7 @@ class CertificateStore:
         """Atomically replace ``name`` (mode 0600) in the cache directory (mode 0700)."""
         target = self._file(name)
         try:
-            _make_private_dirs(self.path)
+            make_private_dirs(self.path)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
             try:
                 os.fchmod(fd, 0o600)
