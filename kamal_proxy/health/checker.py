@@ -2,6 +2,11 @@
 
 A check that is still running when the next tick comes is not doubled up: the tick is dropped,
 which is what a fixed-rate Go ticker with a blocking receiver does.
+
+The GET goes through the proxy's own HTTP/1.1 client (``kamal_proxy.proxy.upstream``, one
+connection per check): ``twisted.web.client`` would load pyOpenSSL, cryptography and h2 into
+every proxy that checks a target (13 MiB), for a plain-HTTP request.  An ``agent`` (Twisted's
+``IAgent``) can still be given instead, as tests do.
 """
 
 from __future__ import annotations
@@ -11,16 +16,16 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 
 from kamal_proxy.observe.events import info
+from kamal_proxy.proxy.upstream import UpstreamPool
 from kamal_proxy.routing.options import HealthCheckConfig
 
 USER_AGENT = b"kamal-proxy"
@@ -94,13 +99,65 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def health_agent(reactor, url: str):
-    """A non-persistent Agent, or a ProxyAgent when the environment names an HTTP proxy."""
+class _Status:
+    """The response sink of a check: the status and ``Location``; the body is dropped."""
+
+    __slots__ = ("status", "location")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.location: str | None = None
+
+    def informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def response_started(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: Any
+    ) -> None:
+        self.status = status
+        for name, value in headers:
+            if len(name) == 8 and name.lower() == b"location":
+                self.location = value.decode("latin-1")
+                break
+
+    def response_data(self, data: bytes) -> None:
+        pass
+
+    def upgraded(self, tunnel: Any) -> None:
+        tunnel.close()
+
+
+def http_get(reactor, url: str, host: bytes | None) -> defer.Deferred[tuple[int, str | None]]:
+    """GET ``url`` on a new connection (through the environment's HTTP proxy, if any, as Go's
+    default client does): ``(status, Location)``; cancelling it closes the connection."""
+    parts = urlsplit(url)
     proxy = proxy_for(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if proxy is None:
-        return Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-    endpoint = HostnameEndpoint(reactor, proxy[0], proxy[1])
-    return ProxyAgent(endpoint, reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        address, target = (parts.hostname or "", parts.port or 80), path
+    else:
+        address, target = proxy, f"http://{parts.netloc}{path}"
+    pool = UpstreamPool(reactor, address[0], address[1], max_idle=0)
+    headers = [(b"Host", host or parts.netloc.encode("utf-8")), (b"User-Agent", USER_AGENT)]
+    sink = _Status()
+
+    def cancel(_: defer.Deferred) -> None:
+        exchange.cancel()
+
+    result: defer.Deferred[tuple[int, str | None]] = defer.Deferred(cancel)
+
+    def done(failure: BaseException | None) -> None:
+        if result.called:
+            return
+        if failure is None:
+            result.callback((sink.status, sink.location))
+        else:
+            result.errback(failure)
+
+    exchange = pool.forward(
+        b"GET", target.encode("utf-8"), headers, None, sink, timeout=None, on_done=done
+    )
+    return result
 
 
 class HealthCheck:
@@ -112,7 +169,7 @@ class HealthCheck:
         address: str,
         config: HealthCheckConfig,
         report: Callable[[bool], None],
-        agent: Agent | None = None,
+        agent: Any = None,
     ) -> None:
         self._reactor = reactor
         self.url = health_check_url(address, config)
@@ -120,7 +177,7 @@ class HealthCheck:
         self._interval = config.interval / 1e9
         self._timeout = config.timeout / 1e9
         self._report = report
-        self._agent = agent or health_agent(reactor, self.url)
+        self._agent = agent
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._running: defer.Deferred | None = None
@@ -204,6 +261,10 @@ class HealthCheck:
         raise HealthCheckFailed("stopped after 10 redirects")
 
     async def _get(self, url: str) -> tuple[int, str | None]:
+        if self._agent is None:
+            return await http_get(self._reactor, url, self._host)
+        from twisted.web.client import readBody
+
         headers = Headers({b"User-Agent": [USER_AGENT]})
         if self._host is not None:
             headers.setRawHeaders(b"Host", [self._host])

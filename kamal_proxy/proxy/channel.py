@@ -334,6 +334,8 @@ class HTTP1Request(RequestHead):
             conn._persistent = False
         parts = [self._status_line(status, reason)]
         _head_lines(parts, headers)
+        if conn.site.alt_svc is not None:
+            parts += (b"Alt-Svc: ", conn.site.alt_svc, b"\r\n")
         parts += (b"Date: ", http_date(), b"\r\nContent-Length: %d\r\n" % len(body))
         self.started = True
         conn._head_written()
@@ -362,6 +364,8 @@ class HTTP1Request(RequestHead):
         conn = self.conn
         parts = [self._status_line(status, reason)]
         _head_lines(parts, headers)
+        if conn.site.alt_svc is not None:
+            parts += (b"Alt-Svc: ", conn.site.alt_svc, b"\r\n")
         no_body = self.method == b"HEAD" or status in _NO_BODY or status < 200
         self._no_body = no_body
         if length is not None:
@@ -444,6 +448,8 @@ class HTTP1Request(RequestHead):
         self.started = True
         parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         _head_lines(parts, headers)
+        if conn.site.alt_svc is not None:
+            parts += (b"Alt-Svc: ", conn.site.alt_svc, b"\r\n")
         parts.append(b"\r\n")
         transport = conn.transport
         transport.writeSequence(parts)
@@ -651,7 +657,15 @@ class HTTP1Channel(Protocol):
                 self._remaining = length
             self._expect_continue = req.expect_continue
         if req.asterisk and req.method == b"OPTIONS":
-            req.respond(200, [])  # Go's net/http answers `OPTIONS *` itself
+            # Go's net/http answers `OPTIONS *` itself, before any handler (no Alt-Svc).
+            req.started = req.finished = True
+            self._head_written()
+            close = b"Connection: close\r\n" if not self._persistent and req.http11 else b""
+            self._send(
+                b"%s 200 OK\r\nContent-Length: 0\r\nDate: %s\r\n%s\r\n"
+                % (b"HTTP/1.1" if req.http11 else b"HTTP/1.0", http_date(), close)
+            )
+            self._response_done(req)
             return
         self.handler(req)
 
@@ -955,7 +969,10 @@ class ProxySite(Factory):
         self.handler: Callable[[HTTP1Request], object] = handle
         self.secure = bool(getattr(resource, "secure", False))
         self.connections: set[HTTP1Channel] = set()
+        #: The ``Alt-Svc`` value of every response (the TCP HTTPS listener with --http3).
+        self.alt_svc: bytes | None = None
         self._web_site: Any = None
+        self._request_factory: Any = None
 
     def startFactory(self) -> None:
         """The listener opens: what exists now (modules, routing state) lives as long as the
@@ -969,13 +986,22 @@ class ProxySite(Factory):
             return _ProtocolSelector(self, channel, addr)
         return channel
 
+    def advertise_http3(self, port: int) -> None:
+        """``--http3``: every response of this TCP listener says ``Alt-Svc: h3`` (SPEC P1),
+        HTTP/1.1 through the channel, HTTP/2 through its twisted.web request class."""
+        from kamal_proxy.proxy.alt_svc import alt_svc_request, alt_svc_value
+
+        self.alt_svc = alt_svc_value(port)
+        self._request_factory = alt_svc_request(port)
+
     def h2_protocol(self, addr: Any) -> Protocol:
         """Twisted's HTTP/2 connection for ``addr`` (twisted.web is imported on first use)."""
         site = self._web_site
         if site is None:
             from kamal_proxy.proxy.webrequest import web_site
 
-            site = self._web_site = web_site(self.resource, self.reactor)
+            site = web_site(self.resource, self.reactor, self._request_factory)
+            self._web_site = site
         return site.buildProtocol(addr)
 
     def close_idle(self) -> None:

@@ -284,9 +284,13 @@ class _WebSite(server.Site):
         pass
 
 
-def web_site(root: Any, reactor: Any) -> server.Site:
-    """A twisted.web ``Site`` for ``root`` (its ``buildProtocol`` negotiates HTTP/2)."""
-    return _WebSite(root, timeout=None, reactor=reactor, parsePOSTFormSubmission=False)
+def web_site(root: Any, reactor: Any, request_factory: Any = None) -> server.Site:
+    """A twisted.web ``Site`` for ``root`` (its ``buildProtocol`` negotiates HTTP/2);
+    ``request_factory`` replaces :class:`StreamingRequest` (a subclass of it)."""
+    site = _WebSite(root, timeout=None, reactor=reactor, parsePOSTFormSubmission=False)
+    if request_factory is not None:
+        site.requestFactory = request_factory
+    return site
 
 
 # --------------------------------------------------------------------------------------------
