@@ -651,6 +651,17 @@ class ProxyExchange:
         self.response_bytes += len(data)
         self.request.write(data)
 
+    def splice_destination(self) -> Any:
+        """The client's transport, when the rest of the body may go kernel to kernel
+        (``proxy/splice.py``): relayed as is, nothing buffered.  Its reading is paused."""
+        if self.finished or self.resp_buffer is not None:
+            return None
+        offer = getattr(self.request, "splice_destination", None)
+        return offer() if offer is not None else None
+
+    def splice_done(self, moved: int) -> None:
+        self.response_bytes += moved
+
     def upgraded(self, tunnel: Any) -> None:
         self.is_upgraded = True
         self.tunnel = tunnel

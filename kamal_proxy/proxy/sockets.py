@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet.tcp import Client, Server
 
-__all__ = ["send_now", "send_parts"]
+__all__ = ["idle", "send_now", "send_parts"]
 
 
 # Twisted's FileDescriptor keeps its queue in these (class defaults, set per instance).
@@ -29,7 +29,8 @@ _DIRECT: tuple[type, ...] = (
 )
 
 
-def _idle(t: Any) -> bool:
+def idle(t: Any) -> bool:
+    """Whether ``t`` is a TCP transport with nothing queued (bytes sent now go next)."""
     return (
         type(t) in _DIRECT
         and not getattr(t, "_tempDataLen", 1)
@@ -42,7 +43,7 @@ def _idle(t: Any) -> bool:
 
 def send_now(t: Any, data: bytes) -> None:
     """``t.write(data)``, sent by this call when the transport has nothing queued."""
-    if _idle(t):
+    if idle(t):
         try:
             sent = t.socket.send(data)
         except OSError:
@@ -55,7 +56,7 @@ def send_now(t: Any, data: bytes) -> None:
 
 def send_parts(t: Any, parts: list[bytes]) -> None:
     """``t.writeSequence(parts)``, sent at once (one ``sendmsg``) when nothing is queued."""
-    if _idle(t):
+    if idle(t):
         try:
             sent = t.socket.sendmsg(parts)
         except OSError:

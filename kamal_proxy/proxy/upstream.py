@@ -42,7 +42,9 @@ from kamal_proxy.proxy.http1 import (
     parse_response_head,
     split_response_headers,
 )
-from kamal_proxy.proxy.sockets import send_now
+from kamal_proxy.proxy.sockets import idle, send_now
+from kamal_proxy.proxy.splice import AVAILABLE as SPLICE_AVAILABLE
+from kamal_proxy.proxy.splice import MIN_SPLICE, Splice, SpliceError
 
 __all__ = [
     "Exchange",
@@ -123,6 +125,7 @@ _BODY_CHUNKED = 3
 _BODY_CLOSE = 4
 _TUNNEL = 5
 _DEAD = 6
+_SPLICE = 7  # the body goes kernel to kernel (proxy/splice.py)
 
 
 class _Connection(Protocol):
@@ -144,6 +147,7 @@ class _Connection(Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.tunnel: Tunnel | None = None
+        self.splice: Splice | None = None
         self.on_made: Any = None
 
     def connectionMade(self) -> None:
@@ -262,13 +266,49 @@ class _Connection(Protocol):
             self.remaining = length
             if length == 0:
                 ex._response_complete(self, self.keepalive and not buf)
-            elif buf:
+                return
+            if buf:
                 self.dataReceived(buf)
+            if self.state == _BODY_LENGTH and self.remaining >= MIN_SPLICE and SPLICE_AVAILABLE:
+                self._try_splice(ex)
         else:
             self.state = _BODY_CLOSE
             self.keepalive = False
             if buf:
                 self.sink.response_data(buf)
+
+    def _try_splice(self, ex: Exchange) -> None:
+        """Move the rest of a plain body kernel to kernel when the sink can take it so (its
+        ``splice_destination()`` gives the client's TCP transport, paused)."""
+        offer = getattr(self.sink, "splice_destination", None)
+        t = self.transport
+        if offer is None or self.exchange is not ex or not idle(t):
+            return
+        destination = offer()
+        if destination is None:
+            return
+        t.pauseProducing()
+        self.state = _SPLICE
+        self.splice = Splice(self.pool._reactor, t, destination, self.remaining, self._spliced)
+        self.splice.start()
+
+    def _spliced(self, error: BaseException | None) -> None:
+        splice, self.splice = self.splice, None
+        sink = self.sink
+        if sink is not None and splice is not None:
+            sink.splice_done(splice.moved)
+        ex = self.exchange
+        if ex is None:
+            return
+        if error is None:
+            self.state = _BODY_LENGTH
+            self.remaining = 0
+            self.transport.resumeProducing()
+            ex._response_complete(self, self.keepalive)
+        elif isinstance(error, SpliceError) and error.side == "destination":
+            ex._fail(UpstreamAborted(f"client: {error}"))
+        else:
+            ex._protocol_error(self, str(error))
 
     def _chunked_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -447,13 +487,13 @@ class Exchange:
     def pause(self) -> None:
         self._paused = True
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.splice is None:
             conn.transport.pauseProducing()
 
     def resume(self) -> None:
         self._paused = False
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.splice is None:
             conn.transport.resumeProducing()
 
     pauseProducing = pause
@@ -524,6 +564,8 @@ class Exchange:
             start = getattr(body, "start", None)
             if start is not None:  # the channel's RequestBody: a direct call, no Deferred
                 start(self, self._body_ended)
+                if not self._chunked and self._conn is conn and not self._body_done:
+                    body.splice_to(t, self._spliced)  # the rest kernel to kernel, if it can
             else:
                 body.startProducing(self).addCallbacks(self._body_finished, self._body_failed)
             return
@@ -542,6 +584,9 @@ class Exchange:
             return
         t.registerProducer(flow, True)
         flow.resumeProducing()
+
+    def _spliced(self) -> None:
+        self._body_written = True  # bytes reached the upstream: never retried
 
     def _body_ended(self, error: BaseException | None) -> None:
         if error is None:
@@ -707,6 +752,11 @@ class Exchange:
         conn = self._conn
         if conn is not None:
             self._conn = None
+            splice, conn.splice = conn.splice, None
+            if splice is not None:
+                splice.stop()
+                if conn.sink is not None:
+                    conn.sink.splice_done(splice.moved)
             conn.exchange = None
             conn.sink = None
             conn.state = _DEAD
