@@ -116,24 +116,15 @@ class StreamingRequest(server.Request):
 
     defaultContentType = None
     body_producer: Any = EMPTY_BODY
+    #: True once the client connection is gone (``connectionLost``).
+    gone = False
     _upgraded = False
     _args: dict[bytes, list[bytes]] | None = None
     _cookies: dict[bytes, bytes] | None = None
 
     def __init__(self, channel: Any, queued: object = None, **kwargs: Any) -> None:
-        # Lean version of http.Request/server.Request.__init__.
-        self.notifications = []
-        self.channel = channel
-        self.client = channel.getPeer()
-        self.host = channel.getHost()
-        self.requestHeaders = Headers()
-        self.responseHeaders = Headers()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        self._parsePOSTFormSubmission = False
-        self._adapterCache = {}
-        self._secure = channel.isSecure()
+        server.Request.__init__(self, channel, queued=False, parsePOSTFormSubmission=False)
+        self._cookies = None  # parsed when first asked for (received_cookies)
 
     # Lazily computed legacy attributes (most requests never look at them).
 
@@ -166,9 +157,9 @@ class StreamingRequest(server.Request):
     def parseCookies(self) -> None:
         """Cookies are parsed lazily by ``received_cookies``."""
 
-    def isSecure(self) -> bool:
-        # Cached at creation: the scheme is logged after ``finish`` dropped ``channel``.
-        return bool(self._forceSSL or self._secure)
+    def connectionLost(self, reason: Failure) -> None:
+        self.gone = True
+        http.Request.connectionLost(self, reason)
 
     # HTTP/2 (and any legacy caller): the whole body is already in ``self.content``.
 
@@ -205,7 +196,7 @@ class StreamingRequest(server.Request):
     write = http.Request.write
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        if self._disconnected or self.channel is None:
+        if self.gone or self.channel is None:
             producer.stopProducing()
             return
         http.Request.registerProducer(self, producer, streaming)
@@ -218,7 +209,7 @@ class StreamingRequest(server.Request):
 
     def finish(self) -> None:
         """Finish the response; quietly does nothing once the client is gone (unlike Twisted)."""
-        if self.finished or self._disconnected:
+        if self.finished or self.gone:
             return
         if self._upgraded:
             self.finished = 1
@@ -226,12 +217,7 @@ class StreamingRequest(server.Request):
             for d in notifications:
                 d.callback(None)
             return
-        if not self.startedWriting:
-            self.write(b"")
-        if self.chunked:
-            self.channel.write(b"0\r\n\r\n")
-        self.finished = 1
-        self._cleanup()
+        http.Request.finish(self)
 
     def take_over_transport(self, protocol: IProtocol, write_head: bool = False) -> None:
         """Hand the raw client connection to ``protocol`` (after an upstream ``101``).
@@ -244,7 +230,7 @@ class StreamingRequest(server.Request):
         as they come.  ``finish()`` then only fires the ``notifyFinish`` Deferreds.
         """
         channel = self.channel
-        if channel is None or self._disconnected:
+        if channel is None or self.gone:
             raise RuntimeError("client connection already gone")
         take_over = getattr(channel, "_take_over", None)
         if take_over is None:
@@ -260,7 +246,7 @@ class StreamingRequest(server.Request):
 
     def write_informational(self, code: int, headers: Headers | None = None) -> None:
         """Send a 1xx interim response (e.g. 103 Early Hints) before the final one."""
-        if self.startedWriting or self.channel is None or self._disconnected:
+        if self.startedWriting or self.channel is None or self.gone:
             return
         if self.clientproto != b"HTTP/1.1":
             return
@@ -374,7 +360,7 @@ class WebRequest:
         reason: bytes | None = None,
         close: bool = False,
     ) -> None:
-        if self.started or self.finished or self.web._disconnected:
+        if self.started or self.finished or getattr(self.web, "gone", False):
             return
         raw = self._head(status, reason, headers)
         raw.setRawHeaders(b"Date", [http_date()])
@@ -398,7 +384,7 @@ class WebRequest:
 
     def write(self, data: bytes) -> None:
         web = self.web
-        if not self.finished and not web._disconnected:
+        if not self.finished and not getattr(web, "gone", False):
             web.write(data)
 
     def finish(self) -> None:
@@ -408,7 +394,7 @@ class WebRequest:
         web = self.web
         if web.producer is not None:
             web.unregisterProducer()
-        if not web._disconnected:
+        if not getattr(web, "gone", False):
             web.finish()
 
     def abort(self) -> None:

@@ -105,7 +105,7 @@ class ProbeRequest(StreamingRequest):
         self.probe_exchange = None
 
     def write(self, data: bytes) -> None:
-        if self.finished or self._disconnected:
+        if self.finished or self.gone:
             return
         self.startedWriting = 1
         room = MAX_BODY - len(self.probe_body)
