@@ -419,3 +419,22 @@ class LeanRequestTests(unittest.TestCase):
             self.assertEqual([r.path for r in recorder.requests], [b"/a", b"/b"], cut)
             self.assertEqual(sinks[0].data, b"".join(pieces), cut)
             self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 2, cut)
+
+
+_raw_header = st.tuples(
+    st.sampled_from(
+        [b"Content-Length", b"connection", b"Keep-Alive", b"X-A", b"Set-Cookie", b"TE", b"x-b"]
+    ),
+    st.sampled_from([b"1", b"close", b"keep-alive, X-A", b"", b"a=b"]),
+)
+
+
+class ResponseParseEquivalenceTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(_raw_header, max_size=10))
+    def test_one_pass_equals_two(self, headers: list[tuple[bytes, bytes]]) -> None:
+        from kamal_proxy.proxy.http1 import parse_response
+
+        head = b"HTTP/1.1 200 OK" + b"".join(b"\r\n%s: %s" % h for h in headers)
+        v11, status, reason, raw = parse_response_head(head)
+        self.assertEqual(parse_response(head), (v11, status, reason, *split_response_headers(raw)))

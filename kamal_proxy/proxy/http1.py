@@ -46,6 +46,7 @@ __all__ = [
     "find_head_end",
     "has_token",
     "parse_request_head",
+    "parse_response",
     "parse_response_head",
     "split_response_headers",
     "too_many_lines",
@@ -433,6 +434,48 @@ def parse_response_head(head: bytes) -> tuple[bool, int, bytes, list[Header]]:
             return v11, status, reason, _careful_header_lines(lines)
         append((name, value.strip(b" \t")))
     return v11, status, reason, headers
+
+
+def parse_response(
+    head: bytes,
+) -> tuple[bool, int, bytes, list[Header], list[bytes], list[bytes], frozenset[bytes] | set[bytes]]:
+    """:func:`parse_response_head` and :func:`split_response_headers` in one pass (the
+    upstream client's path): ``(is HTTP/1.1, status, reason, relayed headers,
+    Content-Length values, Transfer-Encoding values, Connection tokens)``."""
+    lines = head.split(b"\r\n")
+    if len(lines) != head.count(b"\n") + 1:
+        lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
+    v11, status, reason = _parse_status(lines[0])
+    headers: list[Header] = []
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    conn: list[bytes] = []
+    codes = _NAME_CODES
+    for i in range(1, len(lines)):
+        name, sep, value = lines[i].partition(b":")
+        if not sep or not name or 32 in name or 9 in name:
+            return (v11, status, reason, *split_response_headers(_careful_header_lines(lines)))
+        h = (name, value.strip(b" \t"))
+        code = codes.get(name)
+        if code is None:
+            code = _name_code(name)
+        if not code:
+            headers.append(h)
+        elif code == _CONTENT_LENGTH:
+            if not cl:
+                headers.append(h)
+            cl.append(h[1])
+        elif code == _TRANSFER_ENCODING:
+            te.append(h[1])
+        elif code == _CONNECTION:
+            conn.append(h[1])
+    if not conn:
+        return v11, status, reason, headers, cl, te, _NO_TOKENS
+    tokens = connection_tokens(conn)
+    named = tokens - _NOT_HEADER_TOKENS
+    if named and any(h[0].lower() in named for h in headers):
+        headers = [h for h in headers if h[0].lower() not in named]
+    return v11, status, reason, headers, cl, te, tokens
 
 
 def _careful_header_lines(lines: list[bytes]) -> list[Header]:

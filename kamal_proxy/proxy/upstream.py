@@ -39,8 +39,8 @@ from kamal_proxy.proxy.http1 import (
     ChunkedDecoder,
     MalformedBody,
     find_head_end,
+    parse_response,
     parse_response_head,
-    split_response_headers,
 )
 from kamal_proxy.proxy.sockets import idle, send_now
 from kamal_proxy.proxy.splice import AVAILABLE as SPLICE_AVAILABLE
@@ -211,7 +211,8 @@ class _Connection(Protocol):
                         raise BadResponse("server response headers exceeded 1048576 bytes")
                     return
                 end, after = found
-                v11, status, reason, raw = parse_response_head(buf[:end])
+                head = buf[:end]
+                v11, status, reason, headers, cl_values, te_values, tokens = parse_response(head)
             except BadResponse as e:
                 self.buf = b""
                 self.scan = 0
@@ -220,7 +221,7 @@ class _Connection(Protocol):
             self.scan = 0
             buf = buf[after:]
             if status < 200 and status != 101:
-                ex._informational(status, split_response_headers(raw)[0])
+                ex._informational(status, headers)
                 if self.exchange is not ex:
                     return
                 if not buf:
@@ -229,10 +230,9 @@ class _Connection(Protocol):
                 continue
             break
         self.buf = b""
-        if status == 101:
-            ex._switching(self, reason, raw, buf)
+        if status == 101:  # relayed with its hop-by-hop headers (Connection, Upgrade)
+            ex._switching(self, reason, parse_response_head(head)[3], buf)
             return
-        headers, cl_values, te_values, tokens = split_response_headers(raw)
         self.keepalive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens)
         length: int | None = None
         if cl_values:
