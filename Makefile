@@ -31,9 +31,12 @@ install: $(BIN)/python
 run: install
 	$(BIN)/kamal-proxy run --http-port $(HTTP_PORT) --https-port $(HTTPS_PORT)
 
+# The end-to-end tests run twice: one process (--workers 1), then a main process and two
+# workers (KAMAL_PROXY_IT_WORKERS=2).
 test: install
 	$(BIN)/ruff check kamal_proxy tests twisted bench
 	$(BIN)/python -m twisted.trial -j 4 tests
+	KAMAL_PROXY_IT_WORKERS=2 $(BIN)/python -m twisted.trial -j 4 tests.integration
 
 lint: install
 	$(BIN)/ruff check kamal_proxy tests twisted bench

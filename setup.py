@@ -26,6 +26,7 @@ setup(
         "kamal_proxy.proxy",
         "kamal_proxy.tls",
         "kamal_proxy.observe",
+        "kamal_proxy.process",
         "twisted.plugins",
     ],
     # Every distribution the code imports, each with the oldest version the tests pass with.

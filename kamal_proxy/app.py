@@ -1,8 +1,14 @@
 """Assemble the server: one ``MultiService`` for ``kamal-proxy run`` and ``twistd kamal-proxy``.
 
 Start order is the SPEC's (§4.1): restore state, metrics, HTTP and HTTPS listeners, control
-socket, then ``Server started``.  On stop every part stops at once: the listeners and the
-socket close while idle connections are closed and requests in flight get up to 10 seconds.
+socket, then ``Server started``.  The ports are opened in ``privilegedStartService``, before
+twistd's ``-u``/``-g`` drop privileges; everything else (the data directory first) starts as
+the user who runs the server.  On stop every part stops at once: the listeners and the socket
+close while idle connections are closed and requests in flight get up to 10 seconds.
+
+With ``--workers 1`` this process serves the traffic itself.  With more, it is the main
+process of DESIGN §1: it holds the ports without accepting on them, and worker processes
+(``kamal_proxy.process``) adopt them and serve from a copy of its routing state.
 """
 
 from __future__ import annotations
@@ -39,13 +45,20 @@ class StartupError(Exception):
 
 
 class RestoreState(appservice.Service):
-    """Restores the routing state before any listener opens."""
+    """Restores the routing state before any listener accepts.
 
-    def __init__(self, router: Router) -> None:
+    The state file's location is settled here, not when the service is built, so that the
+    data directory is created by the user the server runs as (after twistd's ``-u``/``-g``).
+    """
+
+    def __init__(self, router: Router, state_path: str | None = None) -> None:
         self.router = router
+        self.state_path = state_path
 
     def startService(self) -> None:
         super().startService()
+        if self.router.state_path is None:
+            self.router.state_path = self.state_path or paths.state_path()
         self.router.restore()
 
 
@@ -92,7 +105,11 @@ class ControlSocket(appservice.Service):
 
 
 class Listener(appservice.Service):
-    """A TCP listener on all interfaces whose stop waits for requests in flight (SPEC §4.2)."""
+    """A TCP listener on all interfaces whose stop waits for requests in flight (SPEC §4.2).
+
+    It listens in ``privilegedStartService`` (before a privilege drop), or at start when
+    nobody called that.
+    """
 
     def __init__(self, reactor, port: int, factory) -> None:
         self.reactor = reactor
@@ -104,8 +121,16 @@ class Listener(appservice.Service):
     def bound_port(self) -> int:
         return self.port.getHost().port
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
         try:
             # TLS, when wanted, is inside the factory (it reads the ClientHello first).
             self.port = self.reactor.listenTCP(
@@ -121,6 +146,96 @@ class Listener(appservice.Service):
         return defer.maybeDeferred(self.port.stopListening)
 
 
+class ListeningSocket(appservice.Service):
+    """A listening TCP socket on all interfaces that this process holds but never accepts on:
+    the workers adopt it.  Opened in ``privilegedStartService`` (before a privilege drop)."""
+
+    def __init__(self, port: int, family: int = socket.AF_INET6) -> None:
+        self.requested_port = port
+        self.family = family
+        self.socket: socket.socket | None = None
+
+    @property
+    def bound_port(self) -> int:
+        return self.socket.getsockname()[1]
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.socket is None:
+            self._open()
+
+    def _open(self) -> None:
+        # What listenTCP(port, interface="::", backlog=1024) does, without reading from it.
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::" if self.family == socket.AF_INET6 else "", self.requested_port))
+            s.listen(1024)
+        except OSError as e:
+            s.close()
+            reason = _reason(neterror.CannotListenError("", self.requested_port, e))
+            raise StartupError(f"listen tcp :{self.requested_port}: bind: {reason}") from None
+        s.setblocking(False)
+        self.socket = s
+
+    def stopService(self):
+        super().stopService()
+        # The workers hold their own copies; the port closes when the last one closes it.
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
+class DatagramSockets(appservice.Service):
+    """``count`` UDP sockets on one port (``SO_REUSEPORT``), one per worker, for HTTP/3; opened
+    in ``privilegedStartService`` and held by this process for the workers' lifetimes."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.requested_port = port
+        self.count = count
+        self.sockets: list[socket.socket] = []
+
+    def fileno(self, index: int) -> int:
+        return self.sockets[index].fileno()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.sockets:
+            self._open()
+
+    def _open(self) -> None:
+        from kamal_proxy.proxy.http3 import bind_udp
+
+        try:
+            for _ in range(self.count):
+                self.sockets.append(bind_udp(self.requested_port, reuse_port=True))
+        except OSError as e:
+            for s in self.sockets:
+                s.close()
+            self.sockets = []
+            reason = _reason(neterror.CannotListenError("", self.requested_port, e))
+            raise StartupError(f"listen udp :{self.requested_port}: bind: {reason}") from None
+
+    def stopService(self):
+        super().stopService()
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+
+
 class GracefulShutdown(appservice.Service):
     """Lets requests in flight finish for up to 10 seconds, then closes what is left."""
 
@@ -131,9 +246,9 @@ class GracefulShutdown(appservice.Service):
 
     def stopService(self):
         super().stopService()
-        return defer.ensureDeferred(self._drain())
+        return defer.ensureDeferred(self.drain())
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         for site in self.sites:
             site.close_idle()
         finished = self.tracker.wait_idle()
@@ -159,14 +274,22 @@ class Announce(appservice.Service):
     leave a window in which SIGTERM kills the process instead of stopping it gracefully.
     """
 
-    def __init__(self, reactor, http: Listener, https: Listener) -> None:
+    def __init__(self, reactor, http, https, ready=None) -> None:
         self.reactor = reactor
         self.http = http
         self.https = https
+        # With workers: a callable giving a Deferred that fires once they all serve.
+        self.ready = ready
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(self._announce)
+        self.reactor.callWhenRunning(self._when_ready)
+
+    def _when_ready(self) -> None:
+        if self.ready is None:
+            self._announce()
+        else:
+            self.ready().addCallback(lambda _: self._announce())
 
     def _announce(self) -> None:
         if self.running:
@@ -201,16 +324,38 @@ def setup_service(service, tls=None) -> None:
             raise RouterError(str(e)) from None
 
 
+class DataPlane:
+    """The HTTP and HTTPS sites over one routing state: the Router in a single process, a
+    worker's copy of it otherwise.  The request pipeline cannot tell which."""
+
+    def __init__(self, reactor, router, tls, http_port: int, https_port: int, metrics) -> None:
+        from kamal_proxy.proxy.channel import make_site
+        from kamal_proxy.proxy.resource import RoutingResource
+
+        http_resource = RoutingResource(
+            reactor, router, port=http_port, secure=False, metrics=metrics
+        )
+        https_resource = RoutingResource(
+            reactor, router, port=https_port, secure=True, metrics=metrics
+        )
+        self.tracker = http_resource.tracker
+        https_resource.tracker = self.tracker
+        self.https_resource = https_resource
+        self.http_site = make_site(http_resource, reactor)
+        self.https_site = make_site(https_resource, reactor)
+        # TLS, when wanted, is inside the factory (it reads the ClientHello first).
+        self.https_factory = tls.server_factory(self.https_site)
+        self.sites = [self.http_site, self.https_site]
+
+
 def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor
-    from kamal_proxy.proxy.channel import make_site
-    from kamal_proxy.proxy.resource import RoutingResource
     from kamal_proxy.tls.certificates import TLS
 
-    state_path = options.state_path or paths.state_path()
-    router = Router(reactor, state_path, service_setup=lambda s: setup_service(s, tls))
+    # The state file's place is settled at start (RestoreState), as the user we run as.
+    router = Router(reactor, None, service_setup=lambda s: setup_service(s, tls))
     tls = TLS(
         reactor,
         router,
@@ -222,9 +367,13 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     top.router = router
     top.tls = tls
 
-    RestoreState(router).setServiceParent(top)
+    RestoreState(router, options.state_path).setServiceParent(top)
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
+    if options.workers < 1:  # 0 (or less) asks for the default: one per usable CPU
+        options.workers = paths.default_workers()
+    if options.workers > 1:
+        return _main_process(options, reactor, top)
 
     metrics = None
     if options.metrics_port:
@@ -235,28 +384,49 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     else:
         debug("Metrics server disabled")
 
-    http_resource = RoutingResource(
-        reactor, router, port=options.http_port, secure=False, metrics=metrics
-    )
-    https_resource = RoutingResource(
-        reactor, router, port=options.https_port, secure=True, metrics=metrics
-    )
-    tracker = http_resource.tracker
-    https_resource.tracker = tracker
-    http_site = make_site(http_resource, reactor)
-    https_site = make_site(https_resource, reactor)
+    plane = DataPlane(reactor, router, tls, options.http_port, options.https_port, metrics)
     # On stop, every service stops at once: the listeners close while this one closes idle
     # connections and waits for the requests in flight.
-    GracefulShutdown(reactor, tracker, [http_site, https_site]).setServiceParent(top)
+    GracefulShutdown(reactor, plane.tracker, plane.sites).setServiceParent(top)
 
-    http = Listener(reactor, options.http_port, http_site)
-    https = Listener(reactor, options.https_port, tls.server_factory(https_site))
+    http = Listener(reactor, options.http_port, plane.http_site)
+    https = Listener(reactor, options.https_port, plane.https_factory)
     http.setServiceParent(top)
     https.setServiceParent(top)
     if options.http3:
-        _add_http3(top, reactor, options.https_port, tls, https_site, https_resource)
+        _add_http3(top, reactor, options.https_port, tls, plane.https_site, plane.https_resource)
     ControlSocket(reactor, paths.socket_path(), router).setServiceParent(top)
     Announce(reactor, http, https).setServiceParent(top)
+    return top
+
+
+def _main_process(options: RunOptions, reactor, top: ProxyService) -> ProxyService:
+    """The main process of ``--workers N``: ports, state, health, ACME, control, metrics;
+    the workers serve."""
+    from kamal_proxy.process.supervisor import WorkerPool
+
+    http = ListeningSocket(options.http_port)
+    https = ListeningSocket(options.https_port)
+    # HTTP/3: one UDP socket per worker on the HTTPS port, kept here so that a replaced
+    # worker gets the same one (and no other worker's connections move).
+    udp = DatagramSockets(options.https_port, options.workers) if options.http3 else None
+    pool = WorkerPool(reactor, options, top.router, top.tls, http, https, udp=udp)
+    top.workers = pool
+    if options.metrics_port:
+        from kamal_proxy.observe.metrics import Metrics, MetricsService
+
+        MetricsService(
+            reactor, options.metrics_port, Metrics(), gather=pool.collect_metrics
+        ).setServiceParent(top)
+    else:
+        debug("Metrics server disabled")
+    http.setServiceParent(top)
+    https.setServiceParent(top)
+    if udp is not None:
+        udp.setServiceParent(top)
+    pool.setServiceParent(top)
+    ControlSocket(reactor, paths.socket_path(), top.router).setServiceParent(top)
+    Announce(reactor, http, https, ready=pool.when_serving).setServiceParent(top)
     return top
 
 
@@ -286,6 +456,7 @@ def run_server(options: RunOptions) -> int:
     log.batch_flushes(reactor.callLater)
     try:
         top = make_service(options, reactor)
+        top.privilegedStartService()
         top.startService()
     except StartupError as e:
         print(f"Error: {e}", file=sys.stderr)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ENV_PREFIX = "KAMAL_PROXY_"
 SOCKET_NAME = "kamal-proxy.sock"
 STATE_NAME = "kamal-proxy.state"
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (as the Go original uses every core)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
 
 
 @dataclass(slots=True)
@@ -24,6 +32,8 @@ class RunOptions:
     # ACME directory and CA bundle overrides (issue: TLS); empty means per-service/default.
     acme_directory: str = ""
     acme_ca_bundle: str = ""
+    # Processes serving traffic; 1 keeps everything in this one process.
+    workers: int = field(default_factory=default_workers)
 
 
 def env_lookup(key: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -40,6 +40,13 @@ RUN_FLAGS = (
     ),
     RunFlag("http3", BOOL, "http3", None, "Enable HTTP/3"),
     RunFlag(
+        "workers",
+        INT,
+        "workers",
+        "WORKERS",
+        "Processes serving traffic (one per usable CPU by default; 1 = a single process)",
+    ),
+    RunFlag(
         "acme-directory",
         STRING,
         "acme_directory",

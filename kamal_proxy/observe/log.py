@@ -9,6 +9,8 @@ The request log line is on the hot path and is written directly by ``log_request
 from __future__ import annotations
 
 import json
+import os
+import select
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -218,12 +220,13 @@ class JsonLog:
         self._call_soon = call_soon
 
     def flush(self) -> None:
-        """Write the request lines held for this turn, in order, with one write."""
+        """Write the lines held for this turn, in order, in as few writes as whole lines allow."""
         pending = self._pending
         if pending:
             self._pending = []
-            self.stream.write("".join(pending))
-        self.stream.flush()
+            write_lines(self.stream, pending)
+        else:
+            self.stream.flush()
 
     def line(self, level: str, msg: str, attrs: Iterable[tuple[str, Any]] = ()) -> None:
         """Write one line: time, level, msg, then ``attrs`` in order (duplicates kept)."""
@@ -310,6 +313,76 @@ class JsonLog:
             if text:
                 self.error_stream.write(text)
                 self.error_stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: whole lines, at most PIPE_BUF bytes per write.
+#
+# Worker processes share the main process's stdout.  POSIX makes a write of at most PIPE_BUF
+# bytes to a pipe atomic, so lines never interleave or tear as long as each write holds whole
+# lines and stays within it (a single longer line is still written with as few calls as the
+# kernel allows).  Files opened for appending behave the same for such writes.
+
+PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)  # 4096 on Linux; 512 is the POSIX floor
+_WRITE_WAIT = 1.0
+
+
+def line_batches(lines: Iterable[str], limit: int = PIPE_BUF) -> list[bytes]:
+    """``lines`` (each ending in a newline) encoded and packed into writes of whole lines of
+    at most ``limit`` bytes; a longer line is a write of its own."""
+    batches: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = _encode(line)
+        if current and size + len(data) > limit:
+            batches.append(b"".join(current))
+            current, size = [], 0
+        current.append(data)
+        size += len(data)
+    if current:
+        batches.append(b"".join(current))
+    return batches
+
+
+def _encode(line: str) -> bytes:
+    try:
+        # Raw bytes a decoder kept as surrogates go out as they came in.
+        return line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
+
+
+def write_lines(stream: IO[str], lines: list[str]) -> None:
+    """Write ``lines`` to ``stream``: straight to its file descriptor when it has one (after
+    anything it buffered), else through ``stream.write``, one call per batch."""
+    stream.flush()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    for batch in line_batches(lines):
+        if fd is None:
+            stream.write(batch.decode("utf-8", "surrogateescape"))
+            stream.flush()
+        else:
+            _write_all(fd, batch)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            # Someone made the shared descriptor non-blocking: wait for room, boundedly.
+            _, ready, _ = select.select([], [fd], [], _WRITE_WAIT)
+            if not ready:
+                return
+            continue
+        except OSError:
+            return  # stdout is gone (closed pipe): logging must not take the server down
+        view = view[written:]
 
 
 _logger = Logger(namespace="kamal_proxy")

@@ -14,7 +14,7 @@ import errno
 import gzip
 import os
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.web import resource, server
 
-from kamal_proxy.observe.events import info
+from kamal_proxy.observe.events import error, info
 
 __all__ = [
     "BUCKETS",
@@ -50,6 +50,17 @@ IN_FLIGHT_HELP = "Number of in-flight HTTP requests, labeled by service."
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Go spells the bounds "1", "10" (not "1.0").
 _BUCKET_LABELS = tuple(f"{b:g}" for b in BUCKETS) + ("+Inf",)
+
+CPU_SERIES = "process_cpu_seconds_total"
+#: The process_* series that add up over processes.
+SUMMED_PROCESS_SERIES = frozenset(
+    {
+        CPU_SERIES,
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    }
+)
 
 _KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE")
 _METHODS: dict[Any, str] = {m: m for m in _KNOWN_METHODS}
@@ -92,13 +103,17 @@ class InFlight:
 class Metrics:
     """The three request metrics of SPEC §18, with series created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: bool = True) -> None:
         self._requests: dict[tuple[str, Any, int], _Requests] = {}
         self._inflight: dict[str, InFlight] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
-        # The standard process_* series (CPU, memory, open fds...), as the Go original exports.
-        ProcessCollector(registry=self.registry)
+        # The standard process_* series (CPU, memory, open fds...), as the Go original exports:
+        # this process's, plus those of the other processes added (workers), summed.
+        self._process = ProcessCollector(registry=None) if process else None
+        self._other_processes: list[dict[str, float]] = []
+        if process:
+            self.registry.register(_ProcessSum(self))
 
     def observe(self, service: str, method: bytes | str, status: int, duration_s: float) -> None:
         """Count one finished request and its duration (at the time it is logged)."""
@@ -129,6 +144,64 @@ class Metrics:
         if gauge is None:
             gauge = self._inflight[service] = InFlight(service)
         return gauge
+
+    # -- summing over processes -------------------------------------------------------------
+
+    def snapshot(self, process: bool = True) -> dict[str, Any]:
+        """Every series as plain JSON data (a worker's answer to the main process's scrape);
+        with ``process``, the summable process_* values too."""
+        series = {id(s): s for s in self._requests.values()}.values()
+        out: dict[str, Any] = {
+            "requests": [[*s.labels, list(s.buckets), s.count, s.sum] for s in series],
+            "inflight": [[g.service, g.value] for g in self._inflight.values()],
+        }
+        if process:
+            out["process"] = self.process_values()
+        return out
+
+    def process_values(self) -> dict[str, float]:
+        """The summable process_* values of this process and of those added to it."""
+        values: dict[str, float] = {}
+        if self._process is not None:
+            for family in self._process.collect():
+                for sample in family.samples:
+                    if sample.name in SUMMED_PROCESS_SERIES:
+                        values[sample.name] = sample.value
+        for other in self._other_processes:
+            for name, value in other.items():
+                if name in SUMMED_PROCESS_SERIES:
+                    values[name] = values.get(name, 0.0) + value
+        return values
+
+    def add(self, snapshot: dict[str, Any], gauges: bool = True) -> None:
+        """Add another process's ``snapshot`` to these series: counters and histograms add,
+        gauges add too unless ``gauges`` is false (a process that is gone has none)."""
+        for service, method, status, buckets, count, total in snapshot.get("requests", ()):
+            key = (service, method, int(status))
+            series = self._requests.get(key)
+            if series is None:
+                series = self._new_series(key)
+            series.count += count
+            series.sum += total
+            mine = series.buckets
+            for i, n in enumerate(buckets[: len(mine)]):
+                mine[i] += n
+        if gauges:
+            for service, value in snapshot.get("inflight", ()):
+                self.inflight(service).value += value
+        process = snapshot.get("process")
+        if process:
+            if not gauges:  # a process that is gone keeps only its CPU time (a counter)
+                process = {CPU_SERIES: process.get(CPU_SERIES, 0.0)}
+            self._other_processes.append(dict(process))
+
+    @classmethod
+    def total(cls, snapshots: list[dict[str, Any]]) -> Metrics:
+        """The sum of ``snapshots`` as a Metrics of its own (for one scrape)."""
+        metrics = cls()
+        for snapshot in snapshots:
+            metrics.add(snapshot)
+        return metrics
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated as prometheus_client does."""
@@ -161,6 +234,28 @@ class Metrics:
             yield gauge
 
 
+class _ProcessSum:
+    """prometheus_client's process_* families for this process, with the other processes'
+    CPU time, memory and open descriptors added (start time and fd limit stay this one's)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        others = self.metrics._other_processes
+        for family in self.metrics._process.collect():
+            if others:
+                family.samples = [
+                    sample._replace(
+                        value=sample.value + sum(o.get(sample.name, 0.0) for o in others)
+                    )
+                    if sample.name in SUMMED_PROCESS_SERIES
+                    else sample
+                    for sample in family.samples
+                ]
+            yield family
+
+
 class _Collector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -169,21 +264,51 @@ class _Collector:
         return self.metrics.collect()
 
 
+Gather = Callable[[], "defer.Deferred[list[dict[str, Any]]]"]
+
+
 class MetricsResource(resource.Resource):
-    """Serves the exposition on every path (as the Go original's handler does)."""
+    """Serves the exposition on every path (as the Go original's handler does).
+
+    With worker processes, ``gather`` fetches their snapshots at scrape time and the answer
+    is the sum of theirs and this process's own.
+    """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, gather: Gather | None = None) -> None:
         super().__init__()
         self.metrics = metrics
+        self.gather = gather
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return self
 
-    def render(self, request: server.Request) -> bytes:
+    def render(self, request: server.Request) -> bytes | int:
+        if self.gather is None:
+            return self._answer(request, self.metrics)
+        d = self.gather()
+
+        def answer(snapshots: list[dict[str, Any]]) -> None:
+            # This process's own process_* come from the total's collector (it is this one).
+            mine = self.metrics.snapshot(process=False)
+            body = self._answer(request, Metrics.total([mine, *snapshots]))
+            if not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            error("Unable to collect metrics", error=str(failure.value))
+            if not request._disconnected:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
+
+    def _answer(self, request: server.Request, metrics: Metrics) -> bytes:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        body, content_type = self.metrics.exposition(accept)
+        body, content_type = metrics.exposition(accept)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         if gzip_accepted((request.getHeader(b"accept-encoding") or b"").decode("latin-1")):
             body = gzip.compress(body)
@@ -192,31 +317,53 @@ class MetricsResource(resource.Resource):
         return b"" if request.method == b"HEAD" else body
 
 
-def metrics_site(metrics: Metrics) -> server.Site:
-    site = server.Site(MetricsResource(metrics))
+def metrics_site(metrics: Metrics, gather: Gather | None = None) -> server.Site:
+    site = server.Site(MetricsResource(metrics, gather))
     site.noisy = False
     site.displayTracebacks = False
     return site
 
 
 class MetricsService(appservice.Service):
-    """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18)."""
+    """The ``--metrics-port`` listener on all interfaces (SPEC §4.1, §18), opened in
+    ``privilegedStartService`` (before a privilege drop) or at start."""
 
-    def __init__(self, reactor: Any, port: int, metrics: Metrics, *, interface: str = "::") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        metrics: Metrics,
+        *,
+        interface: str = "::",
+        gather: Gather | None = None,
+    ) -> None:
         self.reactor = reactor
         self.requested_port = port
         self.interface = interface
         self.metrics = metrics
+        self.gather = gather
         self.port: Any = None
 
     @property
     def bound_port(self) -> int:
         return self.port.getHost().port
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+        info("Metrics enabled", address=f":{self.requested_port}")
+
+    def _listen(self) -> None:
         try:
             self.port = self.reactor.listenTCP(
-                self.requested_port, metrics_site(self.metrics), interface=self.interface
+                self.requested_port,
+                metrics_site(self.metrics, self.gather),
+                interface=self.interface,
             )
         except neterror.CannotListenError as e:
             from kamal_proxy.app import StartupError
@@ -224,8 +371,6 @@ class MetricsService(appservice.Service):
             raise StartupError(
                 f"listen tcp :{self.requested_port}: bind: {_bind_reason(e)}"
             ) from None
-        super().startService()
-        info("Metrics enabled", address=f":{self.requested_port}")
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 
 from kamal_proxy.routing.target import Target, TargetState
+
+_ids = itertools.count(1)
 
 
 class LoadBalancer:
     """The targets of one deploy.  Healthy lists are recomputed on every health change, so
-    choosing a target is two list lookups and a counter."""
+    choosing a target is two list lookups and a counter.
+
+    ``id`` names this deploy's balancer across processes: the workers' copies carry the id
+    of the main process's balancer, so "drain balancer 7" means the same targets everywhere.
+    """
 
     def __init__(
         self,
@@ -17,7 +27,12 @@ class LoadBalancer:
         readers: list[Target],
         writer_affinity_timeout: int = 0,
         read_targets_accept_websockets: bool = False,
+        balancer_id: int | None = None,
     ) -> None:
+        self.id = next(_ids) if balancer_id is None else balancer_id
+        #: Called with (balancer, target) when a target's health changes (replication); a
+        #: Deferred it returns (the workers applying it) delays the target's log line.
+        self.on_health_change: Callable[[LoadBalancer, Target], defer.Deferred | None] | None = None
         self.writers = writers
         self.readers = readers
         self.targets = writers + readers
@@ -29,6 +44,7 @@ class LoadBalancer:
         self.healthy_readers: list[Target] = []
         self._became_healthy: defer.Deferred[None] = defer.Deferred()
         for target in self.targets:
+            target.before_state_change = self._tell_health
             target.on_state_change = self._target_changed
 
     @property
@@ -70,6 +86,20 @@ class LoadBalancer:
             self._became_healthy.addCallback(lambda _: d.callback(None) if not d.called else None)
         return d
 
+    def set_states(self, states: list[TargetState]) -> None:
+        """Take the health states of ``targets`` as given (a copy of another process's
+        balancer): no log line, no health check, the same rotation as the original."""
+        for target, state in zip(self.targets, states, strict=False):
+            target.state = state
+        self._recompute()
+
+    def _tell_health(self, target: Target) -> defer.Deferred | None:
+        # Before the recompute, so that the workers hear of it before whatever the recompute
+        # sets off (a deploy waiting for health goes on at once and publishes its switch).
+        if self.on_health_change is not None:
+            return self.on_health_change(self, target)
+        return None
+
     def _target_changed(self, target: Target) -> None:
         self._recompute()
 
@@ -104,3 +134,16 @@ class LoadBalancer:
         return defer.gatherResults(
             [t.drain(timeout) for t in self.targets], consumeErrors=True
         ).addCallback(lambda _: None)
+
+
+def retire_when_idle(
+    reactor: IReactorTime, lb: LoadBalancer, attempts: int = 3600, then: Callable | None = None
+) -> None:
+    """Retire ``lb`` once its requests in flight are done (checked every second, an hour at
+    most): a removed service's requests finish on their own (SPEC §13.4)."""
+    if attempts <= 0 or not any(t.inflight for t in lb.targets):
+        lb.retire()
+        if then is not None:
+            then(lb)
+        return
+    reactor.callLater(1, retire_when_idle, reactor, lb, attempts - 1, then)

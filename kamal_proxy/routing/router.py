@@ -3,6 +3,10 @@
 Control commands mutate it; the routing resource reads ``router.table`` on every request.  The
 reactor thread is the lock: a deploy swaps the table and the service's active balancer in one
 synchronous step, so a request sees either the old configuration or the new one.
+
+With worker processes, ``replicas`` (see ``routing/replication.py``) carries every change to
+the workers' copies: a command returns only once every worker applied it, and drains wait for
+the workers' requests in flight too.  Without workers it is None and nothing else happens.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from kamal_proxy.durations import format_duration
 from kamal_proxy.observe.events import debug, error, info
 from kamal_proxy.routing import state as statefile
-from kamal_proxy.routing.balancer import LoadBalancer
+from kamal_proxy.routing.balancer import LoadBalancer, retire_when_idle
 from kamal_proxy.routing.options import (
     OptionsError,
     ServiceOptions,
@@ -24,6 +28,7 @@ from kamal_proxy.routing.options import (
     validate_service_options,
 )
 from kamal_proxy.routing.pause import PauseController
+from kamal_proxy.routing.replication import Replicas
 from kamal_proxy.routing.rollout import split_point
 from kamal_proxy.routing.service import PauseState, Service
 from kamal_proxy.routing.table import RoutingTable
@@ -51,6 +56,8 @@ class Router:
         # Builds per-service extras (certificates, error pages); raises RouterError to refuse.
         self._service_setup = service_setup
         self.table: RoutingTable = RoutingTable.build([], "")
+        #: The workers' copies of this state (None: this process serves the traffic itself).
+        self.replicas: Replicas | None = None
 
     # -- reading ----------------------------------------------------------
 
@@ -84,12 +91,39 @@ class Router:
             read = [Target(self.reactor, a, target_options, self._pool_factory) for a in readers]
         except OptionsError as e:
             raise RouterError(str(e)) from None
-        return LoadBalancer(
+        lb = LoadBalancer(
             writers,
             read,
             options.writer_affinity_timeout,
             options.read_targets_accept_websockets,
         )
+        lb.on_health_change = self._health_changed
+        return lb
+
+    def _health_changed(self, lb: LoadBalancer, target: Target) -> defer.Deferred | None:
+        if self.replicas is not None:
+            return self.replicas.health(lb, target)
+        return None
+
+    async def _publish(self, *names: str, removed: tuple[str, ...] = ()) -> None:
+        """Wait until every worker applied the current state of ``names`` (and removals)."""
+        if self.replicas is not None:
+            await self.replicas.publish(self, list(names), list(removed))
+
+    async def _drain(self, balancers: list[LoadBalancer], drain_timeout: int) -> None:
+        """Let the requests in flight on ``balancers`` finish here and in every worker."""
+        waits = [lb.drain(drain_timeout / 1e9) for lb in balancers]
+        if self.replicas is not None:
+            waits.append(self.replicas.drain(balancers, drain_timeout))
+        await defer.gatherResults(waits, consumeErrors=True)
+
+    def _retire(self, lb: LoadBalancer) -> None:
+        lb.retire()
+        self._retired(lb)
+
+    def _retired(self, lb: LoadBalancer) -> None:
+        if self.replicas is not None:
+            self.replicas.retire([lb])
 
     def _rebuild_table(self) -> None:
         self.table = RoutingTable.build(list(self.services.values()), self.table.default_tls_host)
@@ -135,6 +169,7 @@ class Router:
             self.save()
             raise
         self.save()
+        await self._publish(name)
         if previous is not None:
             await self._drain_and_retire(previous, drain_timeout)
         info("Deployed", **attrs)
@@ -187,11 +222,11 @@ class Router:
     async def _drain_and_retire(self, lb: LoadBalancer, drain_timeout: int) -> None:
         lb.stop()
         try:
-            await lb.drain(drain_timeout / 1e9)
+            await self._drain([lb], drain_timeout)
         finally:
-            lb.retire()
+            self._retire(lb)
 
-    def remove(self, name: str) -> None:
+    async def remove(self, name: str) -> None:
         service = self.services.pop(name, None)
         if service is None:
             self.save()
@@ -201,9 +236,10 @@ class Router:
         self._rebuild_table()
         self.save()
         # In-flight requests are left to finish on their own (SPEC §13.4); idle upstream
-        # connections go once they are done.
+        # connections go once they are done (workers do the same with their copies).
         for lb in service.balancers():
-            self.reactor.callLater(0, _retire_when_idle, self.reactor, lb)
+            self.reactor.callLater(0, retire_when_idle, self.reactor, lb, then=self._retired)
+        await self._publish(removed=(name,))
 
     async def pause(self, name: str, drain_timeout: int, pause_timeout: int) -> None:
         await self._hold(name, drain_timeout, "Service paused", lambda p: p.pause(pause_timeout))
@@ -219,15 +255,17 @@ class Router:
             service = self.get(name)
             change(service.pause)
             info(event, service=name)
+            await self._publish(name)
             await self._drain_service(service, drain_timeout)
         finally:
             self.save()
 
-    def resume(self, name: str) -> None:
+    async def resume(self, name: str) -> None:
         try:
             service = self.get(name)
             service.pause.resume()
             info("Service resumed", service=name)
+            await self._publish(name)
         finally:
             self.save()
 
@@ -247,11 +285,12 @@ class Router:
         service = self.get(name)
         previous, service.rollout = service.rollout, lb
         self.save()
+        await self._publish(name)
         if previous is not None:
             await self._drain_and_retire(previous, drain_timeout)
         info("Deployed for rollout", service=name, targets=list(targets))
 
-    def rollout_set(self, name: str, percentage: int, allowlist: list[str]) -> None:
+    async def rollout_set(self, name: str, percentage: int, allowlist: list[str]) -> None:
         try:
             service = self.get(name)
             if service.rollout is None:
@@ -262,19 +301,21 @@ class Router:
                 "allowlist": list(allowlist),
             }
             info("Set rollout split", service=name, percentage=percentage, allowlist=allowlist)
+            await self._publish(name)
         finally:
             self.save()
 
-    def rollout_stop(self, name: str) -> None:
+    async def rollout_stop(self, name: str) -> None:
         try:
             service = self.get(name)
             service.rollout_split = None
             info("Stopped rollout", service=name)
+            await self._publish(name)
         finally:
             self.save()
 
     async def _drain_service(self, service: Service, drain_timeout: int) -> None:
-        await defer.gatherResults([lb.drain(drain_timeout / 1e9) for lb in service.balancers()])
+        await self._drain(service.balancers(), drain_timeout)
         info("Service drained", service=service.name)
 
     def get(self, name: str) -> Service:
@@ -366,10 +407,3 @@ class Router:
         service.pause.fail_after = saved.fail_after
         service.rollout_split = saved.rollout
         return service
-
-
-def _retire_when_idle(reactor: IReactorTime, lb: LoadBalancer, attempts: int = 3600) -> None:
-    if attempts <= 0 or not any(t.inflight for t in lb.targets):
-        lb.retire()
-        return
-    reactor.callLater(1, _retire_when_idle, reactor, lb, attempts - 1)

@@ -29,6 +29,10 @@ class InFlight(Protocol):
         """Answer 504 if the response has not started, else cut the connection."""
 
 
+def _log_health(address: str, new: TargetState, was: TargetState) -> None:
+    info("Target health updated", target=address, state=new.value, was=was.value)
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep:
@@ -58,6 +62,9 @@ class Target:
         self._idle_waiters: list[tuple[set[InFlight], defer.Deferred]] = []
         self._check: HealthCheck | None = None
         self.on_state_change: Callable[[Target], None] | None = None
+        #: Told of a health change first; a Deferred it returns (the worker processes applying
+        #: the change) delays the log line until the change is in effect everywhere.
+        self.before_state_change: Callable[[Target], defer.Deferred | None] | None = None
         if pool_factory is None:
             from kamal_proxy.proxy.upstream import UpstreamPool as pool_factory
         self.pool = pool_factory(reactor, self.host, self.port)
@@ -96,7 +103,11 @@ class Target:
         if new is was:
             return
         self.state = new
-        info("Target health updated", target=self.address, state=new.value, was=was.value)
+        applied = self.before_state_change(self) if self.before_state_change is not None else None
+        if applied is None:
+            _log_health(self.address, new, was)
+        else:
+            applied.addBoth(lambda _: _log_health(self.address, new, was))
         if self.on_state_change is not None:
             self.on_state_change(self)
 

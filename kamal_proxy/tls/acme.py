@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -225,13 +225,14 @@ class AcmeClient:
         self,
         names: list[str],
         csr_der: bytes,
-        publish: Callable[[str, str], None],
+        publish: Callable[[str, str], Any],
         withdraw: Callable[[str], None],
     ) -> bytes:
         """Order a certificate for ``names`` over http-01; the PEM chain, leaf first.
 
         ``publish(token, key_authorization)`` must make the token answerable on port 80
-        before it returns; ``withdraw(token)`` is called once the authorization is final.
+        before it returns, or return a Deferred that fires once it is (worker processes);
+        ``withdraw(token)`` is called once the authorization is final.
         """
         await self.register()
         directory = await self.directory()
@@ -259,7 +260,7 @@ class AcmeClient:
         return chain
 
     async def _authorize(
-        self, url: str, publish: Callable[[str, str], None], withdraw: Callable[[str], None]
+        self, url: str, publish: Callable[[str, str], Any], withdraw: Callable[[str], None]
     ) -> None:
         _, body = await self.post(url, None)
         authz = _parse(messages.Authorization, body)
@@ -271,8 +272,10 @@ class AcmeClient:
             raise AcmeError(f"no http-01 challenge offered for {name}")
         _, validation = challb.chall.response_and_validation(self.jwk)
         token = challb.chall.encode("token")
-        publish(token, validation)
+        published = publish(token, validation)
         try:
+            if published is not None:
+                await published
             await self.post(challb.uri, {})
             authz = await self._poll(url, messages.Authorization, ("pending",))
         finally:
@@ -343,6 +346,13 @@ class Issuer:
         #: name -> (consecutive failures, earliest next attempt, last error)
         self.failures: dict[str, tuple[int, float, str]] = {}
         self._on_ready = on_ready
+        #: Told about tokens and new certificates (the worker processes' copies); or None.
+        self.events: IssuerEvents | None = None
+
+    @property
+    def key(self) -> str:
+        """Names this issuer across processes: its directory and its cache directory."""
+        return f"{self.directory_url} {self.store.path}"
 
     @property
     def client(self) -> AcmeClient:
@@ -416,7 +426,7 @@ class Issuer:
         info("ACME: obtaining certificate", host=name, directory=self.directory_url)
         key = ec.generate_private_key(ec.SECP256R1())
         chain_pem = await self.client.issue(
-            [name], make_csr(key, [name]), self.tokens.__setitem__, self._withdraw
+            [name], make_csr(key, [name]), lambda t, v: self._publish(name, t, v), self._withdraw
         )
         entry = KeyAndChain.from_pem(
             key.private_bytes(
@@ -429,8 +439,16 @@ class Issuer:
         self.store.save_certificate(name, entry)
         return entry
 
+    def _publish(self, name: str, token: str, validation: str) -> defer.Deferred | None:
+        self.tokens[token] = validation
+        if self.events is None:
+            return None
+        return self.events.challenge(self, name, token, validation)
+
     def _withdraw(self, token: str) -> None:
         self.tokens.pop(token, None)
+        if self.events is not None:
+            self.events.challenge_done(self, token)
 
     def _issued(self, result: Any, name: str, started: float) -> None:
         del self._inflight[name]
@@ -458,6 +476,8 @@ class Issuer:
             return
         self.failures.pop(name, None)
         self._install(name, result)
+        if self.events is not None:
+            self.events.issued(self, name, result)
         info(
             "ACME: certificate obtained",
             host=name,
@@ -471,6 +491,21 @@ class Issuer:
     def cancel_all(self) -> None:
         for d in list(self._inflight.values()):
             d.cancel()
+
+
+class IssuerEvents(Protocol):
+    """What happens in an issuer that other processes must know (see ``Issuer.events``)."""
+
+    def challenge(
+        self, issuer: Issuer, name: str, token: str, validation: str
+    ) -> defer.Deferred | None:
+        """An http-01 token must be answerable; a Deferred that fires once it is."""
+
+    def challenge_done(self, issuer: Issuer, token: str) -> None:
+        """The token's authorization is final."""
+
+    def issued(self, issuer: Issuer, name: str, entry: KeyAndChain) -> None:
+        """A certificate was issued or renewed."""
 
 
 class AcmeService(service.Service):
@@ -493,6 +528,8 @@ class AcmeService(service.Service):
         self.wanted = wanted
         self.check_interval = check_interval
         self.issuers: dict[tuple[str, str], Issuer] = {}
+        #: Given to every issuer (see ``Issuer.events``).
+        self.events: IssuerEvents | None = None
         self._loop: task.LoopingCall | None = None
         self._kicked: Any = None
 
@@ -503,7 +540,20 @@ class AcmeService(service.Service):
             issuer = self.issuers[key] = Issuer(
                 self.reactor, directory_url, store, self.http_factory
             )
+            issuer.events = self.events
         return issuer
+
+    def set_events(self, events: IssuerEvents | None) -> None:
+        self.events = events
+        for issuer in self.issuers.values():
+            issuer.events = events
+
+    def find_issuer(self, key: str) -> Issuer | None:
+        """The issuer whose ``key`` this is (as a worker names it)."""
+        for issuer in self.issuers.values():
+            if issuer.key == key:
+                return issuer
+        return None
 
     def startService(self) -> None:
         super().startService()

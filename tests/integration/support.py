@@ -12,7 +12,8 @@ runs them (a normal, non-editable install), so reinstall after changing the prod
     pip install -q . && python -m twisted.trial [-j 4] tests.integration
 
 ``KAMAL_PROXY_TEST_BIN`` points the suite at another executable; ``KAMAL_PROXY_IT_TIMINGS=FILE``
-appends each test's wall time to FILE.
+appends each test's wall time to FILE.  ``KAMAL_PROXY_IT_WORKERS=N`` runs every proxy with N
+worker processes (default 1, a single process); ``make test`` runs the suite with 1 and with 2.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ _SCRUBBED_ENV = (
     "ACME_DIRECTORY",
     "ACME_CA_BUNDLE",
     "ALL_PROXY",
+    "WORKERS",
 )
+
+#: Worker processes of every proxy the suite starts (``KAMAL_PROXY_IT_WORKERS``).
+IT_WORKERS = int(os.environ.get("KAMAL_PROXY_IT_WORKERS") or 1)
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -272,6 +277,7 @@ class ProxyProcess:
         }
         env["HOME"] = self.home
         env["KAMAL_PROXY_SOCKET"] = self.socket_path
+        env["KAMAL_PROXY_WORKERS"] = str(IT_WORKERS)
         env["NO_PROXY"] = "*"
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)

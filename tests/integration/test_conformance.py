@@ -21,6 +21,7 @@ from twisted.trial import unittest
 
 from tests.integration.pebble import cert_pem, key_pem, make_ca, make_leaf
 from tests.integration.support import (
+    IT_WORKERS,
     IntegrationTestCase,
     eventually,
     free_port,
@@ -42,6 +43,7 @@ def _base_env(home: str, **extra: str) -> dict[str, str]:
         and k not in ("HTTP_PORT", "HTTPS_PORT", "METRICS_PORT", "DEBUG", "XDG_RUNTIME_DIR")
     }
     env["HOME"] = home
+    env["KAMAL_PROXY_WORKERS"] = str(IT_WORKERS)  # the pass's worker count (support.py)
     env.update(extra)
     return env
 
@@ -370,6 +372,7 @@ class RunEnvironmentTests(unittest.TestCase):
             records.append(record)
             if record.get("msg") == "Server started":
                 return proc, records
+        proc.kill()  # so that reading its stderr ends
         raise AssertionError(f"no Server started: {records} {proc.stderr.read()!r}")
 
     def test_empty_prefixed_variable_hides_plain_one(self):

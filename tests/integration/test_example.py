@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.integration.support import proxy_command
+from tests.integration.support import IT_WORKERS, proxy_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +24,7 @@ class ExampleWalkthroughTests(unittest.TestCase):
             capture_output=True,
             text=True,
             timeout=120,
+            env={**os.environ, "KAMAL_PROXY_WORKERS": str(IT_WORKERS)},
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         lines = result.stdout.splitlines()

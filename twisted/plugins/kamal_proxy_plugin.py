@@ -34,6 +34,13 @@ class Options(usage.Options):
         ["metrics-port", None, None, "Publish metrics on the specified port (0 = disabled)", _port],
         ["acme-directory", None, None, "ACME directory URL to use instead of Let's Encrypt"],
         ["acme-ca-bundle", None, None, "CA bundle (PEM) to trust for the ACME directory"],
+        [
+            "workers",
+            None,
+            None,
+            "Processes serving traffic (one per usable CPU by default; 1 = a single process)",
+            _port,
+        ],
     ]
 
     def __init__(self) -> None:
