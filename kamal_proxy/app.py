@@ -18,7 +18,6 @@ import kamal_proxy.tls.lazy  # noqa: F401
 
 # isort: split
 
-import errno
 import os
 import socket
 import sys
@@ -35,13 +34,10 @@ from kamal_proxy.limits import raise_open_files_limit
 from kamal_proxy.observe.events import debug, error, info, warn
 from kamal_proxy.options import RunOptions
 from kamal_proxy.routing.router import Router, RouterError
+from kamal_proxy.startup import StartupError, bind_reason
 
 SHUTDOWN_DEADLINE = 10.0
 FLUSH_GRACE = 0.1
-
-
-class StartupError(Exception):
-    """Printed as ``Error: <message>`` by ``run``; the process exits 1."""
 
 
 class RestoreState(appservice.Service):
@@ -82,11 +78,12 @@ class ControlSocket(appservice.Service):
         except OSError:
             pass
         factory = Factory.forProtocol(lambda: ControlProtocol(self.router, self.router))
+        factory.noisy = False  # no "Starting factory" line in twistd's log
         old_umask = os.umask(0o177)
         try:
             self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600, wantPID=False)
         except neterror.CannotListenError as e:
-            raise StartupError(f"listen unix {self.path}: bind: {_reason(e)}") from None
+            raise StartupError(f"listen unix {self.path}: bind: {bind_reason(e)}") from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
@@ -137,7 +134,9 @@ class Listener(appservice.Service):
                 self.requested_port, self.factory, backlog=1024, interface="::"
             )
         except neterror.CannotListenError as e:
-            raise StartupError(f"listen tcp :{self.requested_port}: bind: {_reason(e)}") from None
+            raise StartupError(
+                f"listen tcp :{self.requested_port}: bind: {bind_reason(e)}"
+            ) from None
 
     def stopService(self):
         super().stopService()
@@ -182,7 +181,7 @@ class ListeningSocket(appservice.Service):
             s.listen(1024)
         except OSError as e:
             s.close()
-            reason = _reason(neterror.CannotListenError("", self.requested_port, e))
+            reason = bind_reason(neterror.CannotListenError("", self.requested_port, e))
             raise StartupError(f"listen tcp :{self.requested_port}: bind: {reason}") from None
         s.setblocking(False)
         self.socket = s
@@ -226,7 +225,7 @@ class DatagramSockets(appservice.Service):
             for s in self.sockets:
                 s.close()
             self.sockets = []
-            reason = _reason(neterror.CannotListenError("", self.requested_port, e))
+            reason = bind_reason(neterror.CannotListenError("", self.requested_port, e))
             raise StartupError(f"listen udp :{self.requested_port}: bind: {reason}") from None
 
     def stopService(self):
@@ -303,6 +302,23 @@ class ProxyService(appservice.MultiService):
         return defer.maybeDeferred(super().stopService).addBoth(lambda _: info("Server stopped"))
 
 
+def upstream_pool(reactor, host: str, port: int):
+    """A target's keep-alive connection pool: the proxy's, given to routing (which lies below
+    the proxy and does not import it)."""
+    from kamal_proxy.proxy.upstream import UpstreamPool
+
+    return UpstreamPool(reactor, host, port)
+
+
+def health_check(reactor, address: str, config, report):
+    """A target's health check (``health.checker``), given to routing like the pool; it
+    reports ``(ok, reason)`` so that a deploy can show why its targets are not healthy yet."""
+    from kamal_proxy.health.checker import HealthCheck
+
+    check = HealthCheck(reactor, address, config, lambda ok: report(ok, check.last_error))
+    return check
+
+
 def setup_service(service, tls=None) -> None:
     """Per-service extras built at deploy and restore; a failure refuses the deploy."""
     from kamal_proxy.proxy.pages import ErrorPages, PagesError
@@ -355,7 +371,13 @@ def make_service(options: RunOptions, reactor=None) -> appservice.MultiService:
     from kamal_proxy.tls.certificates import TLS
 
     # The state file's place is settled at start (RestoreState), as the user we run as.
-    router = Router(reactor, None, service_setup=lambda s: setup_service(s, tls))
+    router = Router(
+        reactor,
+        None,
+        upstream_pool,
+        service_setup=lambda s: setup_service(s, tls),
+        health_check_factory=health_check,
+    )
     tls = TLS(
         reactor,
         router,
@@ -442,7 +464,7 @@ def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None
         reactor,
         port,
         server,
-        lambda e: StartupError(f"listen udp :{port}: bind: {_reason(e)}"),
+        lambda e: StartupError(f"listen udp :{port}: bind: {bind_reason(e)}"),
     ).setServiceParent(top)
 
 
@@ -466,14 +488,6 @@ def run_server(options: RunOptions) -> int:
     reactor.run()
     log.flush()
     return 0
-
-
-def _reason(e: neterror.CannotListenError) -> str:
-    err = e.socketError
-    code = getattr(err, "errno", None) or (err.args[0] if getattr(err, "args", None) else None)
-    if isinstance(code, int):
-        return os.strerror(code).lower() if code != errno.EADDRINUSE else "address already in use"
-    return str(err)
 
 
 def _socket_is_live(path: str) -> bool:

@@ -198,6 +198,10 @@ class H3Client:
         response.chunks = []
         return response
 
+    def wait_for(self, done, what: str, timeout: float | None = None) -> None:
+        """Keep the connection going until ``done()`` is true, e.g. ``lambda: client.goaway``."""
+        self._run_until(done, what, time.monotonic() + (timeout or self.timeout))
+
     def wait_closed(self, timeout: float | None = None) -> events.ConnectionTerminated:
         """Keep answering (acknowledgements) until the server closes the connection."""
         deadline = time.monotonic() + (timeout or self.timeout)

@@ -14,14 +14,13 @@ from twisted.trial import unittest
 
 from kamal_proxy.health.checker import HealthCheck
 from kamal_proxy.observe import events
-from kamal_proxy.routing import target as target_module
 from kamal_proxy.routing.balancer import LoadBalancer
-from kamal_proxy.routing.options import (
+from kamal_proxy.routing.target import Target, TargetState, split_address
+from kamal_proxy.service_options import (
     HealthCheckConfig,
     OptionsError,
     TargetOptions,
 )
-from kamal_proxy.routing.target import Target, TargetState, split_address
 from tests.test_health import FakeAgent
 
 
@@ -82,11 +81,17 @@ class Base(unittest.TestCase):
             events, "_emit", lambda level, msg, attrs: self.events.append((level, msg, attrs))
         )
         FakeHealthCheck.instances = []
-        self.patch(target_module, "HealthCheck", FakeHealthCheck)
+        self.health_check_factory: Any = FakeHealthCheck
         self.clock = task.Clock()
 
     def target(self, address: str, options: TargetOptions | None = None) -> Target:
-        return Target(self.clock, address, options or TargetOptions(), pool_factory=FakePool)
+        return Target(
+            self.clock,
+            address,
+            options or TargetOptions(),
+            pool_factory=FakePool,
+            health_check_factory=self.health_check_factory,
+        )
 
     def health_events(self) -> list[dict[str, Any]]:
         return [
@@ -542,7 +547,7 @@ class WithRealHealthCheckTests(Base):
     def setUp(self) -> None:
         super().setUp()
         self.agent = FakeAgent()
-        self.patch(target_module, "HealthCheck", functools.partial(HealthCheck, agent=self.agent))
+        self.health_check_factory = functools.partial(HealthCheck, agent=self.agent)
 
     def balancer(self, *writers: str) -> LoadBalancer:
         lb = LoadBalancer([self.target(a) for a in writers], [])

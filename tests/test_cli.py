@@ -22,7 +22,7 @@ from kamal_proxy.cli.service import format_service_table
 from kamal_proxy.control import client, commands
 from kamal_proxy.control.commands import CommandFailed
 from kamal_proxy.options import RunOptions
-from kamal_proxy.routing.options import ACME_STAGING_DIRECTORY, ServiceOptions, TargetOptions
+from kamal_proxy.service_options import ACME_STAGING_DIRECTORY, ServiceOptions, TargetOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECOND = 1_000_000_000

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
@@ -106,7 +105,7 @@ class InterruptTests(unittest.TestCase):
         self.addCleanup(self.server.close)
         self.server.bind(self.path)
         self.server.listen(1)
-        self.server.settimeout(20)
+        self.server.settimeout(60)  # the CLI's start-up, on a loaded machine
 
     def start_waiting_deploy(self, sigint: str) -> tuple[subprocess.Popen, socket.socket]:
         """Start ``deploy`` with SIGINT as the shell left it, and return once it waits."""
@@ -125,7 +124,7 @@ class InterruptTests(unittest.TestCase):
         self.addCleanup(self.stop, proc)
         connection, _ = self.server.accept()
         self.addCleanup(connection.close)
-        connection.settimeout(20)
+        connection.settimeout(60)
         reader = wire.BoxReader()
         boxes: list = []
         while not boxes:
@@ -138,14 +137,14 @@ class InterruptTests(unittest.TestCase):
     def stop(self, proc: subprocess.Popen) -> None:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=20)
+        proc.communicate(timeout=60)
 
     def test_ctrl_c_kills_at_once_without_traceback(self):
         proc, _connection = self.start_waiting_deploy("default_int_handler")
-        started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-        self.assertLess(time.monotonic() - started, 5)
+        # Killed by the signal while the server still holds the request: a client that went on
+        # waiting would never end (communicate's bound), one that handled it would exit 1.
+        out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, -signal.SIGINT)
         self.assertEqual((out, err), (b"", b""))
 
@@ -156,6 +155,6 @@ class InterruptTests(unittest.TestCase):
         with self.assertRaises(subprocess.TimeoutExpired):
             proc.wait(timeout=0.5)
         connection.close()
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 1)
         self.assertEqual(err, b"Error: unexpected EOF\n")

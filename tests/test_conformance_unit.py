@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from kamal_proxy.durations import DurationError, format_duration, parse_duration
-from kamal_proxy.routing.options import (
+from kamal_proxy.routing.rollout import fnv1a32, in_rollout_group, request_cookie, split_point
+from kamal_proxy.service_options import (
     OptionsError,
     ServiceOptions,
     has_configured_hosts,
@@ -14,7 +15,6 @@ from kamal_proxy.routing.options import (
     validate_service_options,
     validate_target_address,
 )
-from kamal_proxy.routing.rollout import fnv1a32, in_rollout_group, request_cookie, split_point
 
 MS = 1_000_000
 S = 1_000_000_000

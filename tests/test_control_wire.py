@@ -14,19 +14,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor, threads
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.trial import unittest
+from twisted.web import resource, server
 
+from kamal_proxy import app
 from kamal_proxy.control import client, commands, wire
 from kamal_proxy.control.server import ControlProtocol
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.router import Router
+from kamal_proxy.service_options import HealthCheckConfig, ServiceOptions, TargetOptions
 
 COMMANDS = [
     value
     for value in vars(commands).values()
     if inspect.isclass(value) and issubclass(value, wire.Command) and value is not wire.Command
 ]
+#: The operations a client asks for (each answered), and what the server only tells.
+OPERATIONS = [c for c in COMMANDS if c.requiresAnswer]
+NOTIFICATIONS = [c for c in COMMANDS if not c.requiresAnswer]
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
@@ -35,8 +41,13 @@ def values_for(arguments: list[tuple[bytes, wire.Argument]]) -> st.SearchStrateg
     """A strategy for keyword values that fit an argument list."""
 
     def strategy(argument: wire.Argument) -> st.SearchStrategy[Any]:
+        if argument.optional:  # left out (None) or given
+            return st.none() | given(argument)
+        return given(argument)
+
+    def given(argument: wire.Argument) -> st.SearchStrategy[Any]:
         if isinstance(argument, wire.ListOf):
-            return st.lists(strategy(argument.element), max_size=5)
+            return st.lists(given(argument.element), max_size=5)
         if isinstance(argument, wire.Integer):
             return st.integers(min_value=-(2**70), max_value=2**70)
         if isinstance(argument, wire.Boolean):
@@ -51,7 +62,7 @@ def values_for(arguments: list[tuple[bytes, wire.Argument]]) -> st.SearchStrateg
 class ContractTests(unittest.TestCase):
     def test_every_operation_of_the_spec_is_declared(self):
         self.assertEqual(
-            sorted(c.__name__ for c in COMMANDS),
+            sorted(c.__name__ for c in OPERATIONS),
             sorted(
                 [
                     "Deploy",
@@ -67,6 +78,8 @@ class ContractTests(unittest.TestCase):
             ),
         )
 
+        self.assertEqual([c.__name__ for c in NOTIFICATIONS], ["DeployProgress"])
+
     def test_the_server_side_is_twisted_amp(self):
         for command in COMMANDS:
             twin = command.amp()
@@ -74,9 +87,34 @@ class ContractTests(unittest.TestCase):
             self.assertIs(command.amp(), twin)
             self.assertEqual(twin.commandName, command.__name__.encode())
             self.assertEqual(
-                [name for name, _ in twin.arguments], [name for name, _ in command.arguments]
+                [(name, a.optional) for name, a in twin.arguments],
+                [(name, a.optional) for name, a in command.arguments],
             )
-            self.assertEqual(twin.errors, {commands.CommandFailed: b"COMMAND_FAILED"})
+            self.assertEqual(twin.requiresAnswer, command.requiresAnswer)
+        for command in OPERATIONS:
+            self.assertEqual(command.amp().errors, {commands.CommandFailed: b"COMMAND_FAILED"})
+
+    def test_progress_is_optional_and_asked_only(self):
+        """A deploy that does not ask for progress is the same box as before it existed."""
+        values = {
+            "service": "app",
+            "targets": ["a:1"],
+            "readers": [],
+            "deploy_timeout": 0,
+            "drain_timeout": 0,
+            "force": False,
+            "service_options": "{}",
+            "target_options": "{}",
+        }
+        [plain] = amp.parseString(commands.Deploy.request(b"1", values))
+        self.assertNotIn(b"progress", plain)
+        self.assertIsNone(commands.Deploy.amp().parseArguments(plain, None)["progress"])
+        [asked] = amp.parseString(commands.Deploy.request(b"1", {**values, "progress": True}))
+        self.assertEqual(asked[b"progress"], b"True")
+        rollout = {k: values[k] for k in ("service", "targets", "readers")}
+        rollout.update(deploy_timeout=0, drain_timeout=0)
+        [box] = amp.parseString(commands.RolloutDeploy.request(b"1", rollout))
+        self.assertNotIn(b"progress", box)
 
 
 class CodecTests(unittest.TestCase):
@@ -90,8 +128,11 @@ class CodecTests(unittest.TestCase):
             ours = command.request(b"1", values)
             box = command.amp().makeArguments(dict(values), None)
             box[amp.COMMAND] = command.commandName
-            box[amp.ASK] = b"1"
+            if command.requiresAnswer:
+                box[amp.ASK] = b"1"
             self.assertEqual(ours, box.serialize())
+            [back] = wire.BoxReader().feed(box.serialize())
+            self.assertEqual(command.parse_arguments(back), values)
             [parsed] = amp.parseString(ours)
             self.assertEqual(command.amp().parseArguments(parsed, None), values)
 
@@ -123,6 +164,7 @@ class CodecTests(unittest.TestCase):
             "force": False,
             "service_options": "x" * 200_000,
             "target_options": "",
+            "progress": None,
         }
         [box] = amp.parseString(commands.Deploy.request(b"7", values))
         self.assertEqual(box[amp.ASK], b"7")
@@ -158,7 +200,12 @@ class RealServerTests(unittest.TestCase):
         self.dir = tempfile.mkdtemp(prefix="kp-ctl-")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.path = os.path.join(self.dir, "kp.sock")
-        self.router = Router(reactor, os.path.join(self.dir, "state.json"))
+        self.router = Router(
+            reactor,
+            os.path.join(self.dir, "state.json"),
+            app.upstream_pool,
+            health_check_factory=app.health_check,
+        )
         port = reactor.listenUNIX(
             self.path, Factory.forProtocol(lambda: ControlProtocol(self.router))
         )
@@ -212,3 +259,84 @@ class RealServerTests(unittest.TestCase):
             {name: services[name]["host"] for name in hosts},
             {name: ",".join(names) for name, names in hosts.items()},
         )
+
+    def _upstream(self, failures: int) -> str:
+        """An HTTP app on loopback whose ``/up`` answers 503 ``failures`` times, then 200."""
+        left = [failures]
+
+        class Up(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                if left[0] > 0:
+                    left[0] -= 1
+                    request.setResponseCode(503)
+                return b"ok"
+
+        port = reactor.listenTCP(0, server.Site(Up()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"127.0.0.1:{port.getHost().port}"
+
+    def _deploy(self, target: str, progress: bool | None, events: list) -> Any:
+        checks = TargetOptions(
+            health_check_config=HealthCheckConfig(interval=50_000_000, timeout=10**9)
+        )
+        return self.call(
+            commands.Deploy,
+            on_notification={commands.DeployProgress: events.append},
+            service="web",
+            targets=[target],
+            readers=[],
+            deploy_timeout=10 * 10**9,
+            drain_timeout=10**9,
+            force=False,
+            service_options=json.dumps(ServiceOptions().to_json()),
+            target_options=json.dumps(checks.to_json()),
+            progress=progress,
+        )
+
+    async def test_progress_before_the_answer_only_when_asked(self):
+        """Issue 12 §3: a deploy that asks gets each health check and the drain on its
+        connection before the answer; one that does not ask gets nothing new."""
+        self.addCleanup(self.router.remove, "web")
+        quiet: list[dict[str, Any]] = []
+        first = self._upstream(failures=0)
+        await self._deploy(first, None, quiet)
+        second = self._upstream(failures=2)
+        events: list[dict[str, Any]] = []
+        await self._deploy(second, True, events)
+        self.assertEqual(
+            [(e["event"], e["target"], e["reason"]) for e in events[:3]],
+            [
+                ("health", second, "unexpected status (503)"),
+                ("health", second, "unexpected status (503)"),
+                ("health", second, ""),
+            ],
+        )
+        self.assertEqual(
+            [(e["event"], e["targets"], e["timeout"]) for e in events[3:]],
+            [("drain", [first], 10**9), ("drained", [first], None)],
+        )
+        third = self._upstream(failures=1)
+        await self._deploy(third, False, quiet)
+        self.assertEqual(quiet, [])
+
+    async def test_calls_leave_no_line_in_the_log(self):
+        """Issue 12 §2: AMP's "connection established/lost" lines, two per CLI call, are not
+        written to twistd's log."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event: dict) -> None:
+            if "kp_msg" not in event:  # Twisted's own lines
+                seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for _ in range(3):
+            await self.call(commands.List)
+        with self.assertRaises(client.ControlError):
+            await self.call(commands.Remove, service="nope")
+        await deferLater(reactor, 0.05, lambda: None)  # the server sees each hang-up
+        self.assertEqual(seen, [])

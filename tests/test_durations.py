@@ -192,4 +192,18 @@ class RoundTripTests(unittest.TestCase):
         scale.update({"ms": MILLISECOND, "s": SECOND, "m": MINUTE, "h": HOUR})
         text = sign + "".join(f"{n}{unit}" for n, unit in groups)
         total = sum(n * scale[unit] for n, unit in groups)
-        self.assertEqual(parse_duration(text), -total if sign == "-" else total)
+        if total > (INT64_MAX + 1 if sign == "-" else INT64_MAX):
+            # Past int64 nanoseconds (about 2562047h; three groups of 10**6 h get there) Go's
+            # ParseDuration refuses the text as it does any other invalid duration.
+            with self.assertRaises(DurationError) as cm:
+                parse_duration(text)
+            self.assertTrue(str(cm.exception).startswith("time: invalid duration "), cm.exception)
+        else:
+            self.assertEqual(parse_duration(text), -total if sign == "-" else total)
+
+    def test_sum_past_int64_example(self) -> None:
+        # The example Hypothesis found: 2562048h is one hour past the largest duration.
+        with self.assertRaises(DurationError) as cm:
+            parse_duration("562048h1000000h1000000h")
+        self.assertEqual(str(cm.exception), 'time: invalid duration "562048h1000000h1000000h"')
+        self.assertEqual(parse_duration("-562047h1000000h1000000h"), -2562047 * HOUR)

@@ -176,3 +176,90 @@ class RequestInOrderTests(unittest.TestCase):
         JsonLog(one, clock=lambda: 0).request(fields)
         JsonLog(two, clock=lambda: 0).request_in_order(fields)
         self.assertEqual(one.getvalue(), two.getvalue())
+
+
+class TextTests(unittest.TestCase):
+    """Issue 12 §2: twistd's text log reads as sentences with fields, not Python tuples."""
+
+    def capture(self) -> list[dict]:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def texts(self, events: list[dict]) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in events if "kp_msg" in e]
+
+    def test_format_text(self) -> None:
+        self.assertEqual(log.format_text("Server stopped", ()), "Server stopped")
+        self.assertEqual(
+            log.format_text(
+                "Deploying",
+                [
+                    ("service", "web"),
+                    ("targets", ["a:1", "b:2"]),
+                    ("hosts", [""]),
+                    ("tls", False),
+                    ("count", 3),
+                    ("message", 'Back "soon" = later'),
+                    ("error", ValueError("boom")),
+                    ("none", None),
+                    ("split", {"percentage": 10}),
+                ],
+            ),
+            'Deploying: service=web targets=[a:1 b:2] hosts=[""] tls=false count=3 '
+            'message="Back \\"soon\\" = later" error=boom none=null split={"percentage":10}',
+        )
+
+    def test_events_read_as_sentences_in_other_observers(self) -> None:
+        events = self.capture()
+        log.info("Target health updated", target="web:3000", state="healthy", was="adding")
+        self.assertEqual(
+            self.texts(events),
+            ["Target health updated: target=web:3000 state=healthy was=adding"],
+        )
+
+    def test_debug_only_when_asked(self) -> None:
+        self.addCleanup(log.set_debug, True)
+        events = self.capture()
+        log.set_debug(False)
+        log.debug("Saved state", path="/x")
+        log.info("Service resumed", service="web")
+        log.set_debug(True)
+        log.debug("Saved state", path="/y")
+        self.assertEqual(
+            self.texts(events),
+            ["Service resumed: service=web", "Saved state: path=/y"],
+        )
+
+    def test_request_lines_become_events(self) -> None:
+        events = self.capture()
+        text_log = log.TextLog()
+        text_log.request({"host": "app.test", "status": 200, "path": "/a b"})
+        text_log.request_in_order({key: "" for key in log.REQUEST_KEYS})
+        [one, two] = self.texts(events)
+        self.assertTrue(one.startswith('Request: host=app.test port="" path="/a b" '), one)
+        self.assertIn(" status=200 ", one)
+        self.assertTrue(two.startswith('Request: host="" port=""'), two)
+        self.assertTrue(text_log.relays_workers)
+        self.assertFalse(log.JsonLog(io.StringIO()).relays_workers)
+
+    def test_relay_of_another_process_lines(self) -> None:
+        events = self.capture()
+        worker = io.StringIO()
+        JsonLog(worker, debug=True).line("WARN", "Closing active connections", [("n", 2)])
+        log.relay(worker.getvalue().rstrip("\n"))
+        log.relay("Traceback (most recent call last):")
+        log.relay("")
+        ours = [e for e in events if "kp_msg" in e]
+        self.assertEqual(
+            [(e["kp_level"], e["kp_msg"], dict(e["kp_attrs"])) for e in ours],
+            [
+                ("WARN", "Closing active connections", {"n": 2}),
+                ("ERROR", "Output", {"text": "Traceback (most recent call last):"}),
+            ],
+        )

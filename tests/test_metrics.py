@@ -14,13 +14,13 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from kamal_proxy.app import StartupError
 from kamal_proxy.observe.metrics import (
     BUCKETS,
     Metrics,
     MetricsService,
     method_label,
 )
+from kamal_proxy.startup import StartupError
 
 LABELS = ("service", "method", "status")
 

@@ -1,4 +1,4 @@
-"""Tests for kamal_proxy.routing.options: validation, normalization, target addresses, JSON."""
+"""Tests for kamal_proxy.service_options: validation, normalization, target addresses, JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from kamal_proxy.routing.options import (
+from kamal_proxy.service_options import (
     DEFAULT_MAX_MEMORY_BUFFER_SIZE,
     HealthCheckConfig,
     OptionsError,

@@ -27,7 +27,8 @@ COMMANDS = [
 ]
 # The syntax placeholder, the example app's own flags (example/app/app.py), twistd's, Kamal's
 # (`kamal proxy boot_config set`) and Docker's.
-NOT_OURS = {"--help", "--flag", "--port", "--version", "--logger"}
+NOT_OURS = {"--help", "--flag", "--port", "--version", "--logger", "--logfile", "--pidfile"}
+NOT_OURS |= {"--syslog"}
 NOT_OURS |= {"--registry", "--repository", "--image", "--rm", "--ulimit"}
 
 

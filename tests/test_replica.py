@@ -13,13 +13,13 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.pause import PauseState, Released
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.router import Router
 from kamal_proxy.routing.target import TargetState
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 from tests.test_balancer import Base, FakeHealthCheck, FakeInFlight, FakePool
 
 
@@ -72,7 +72,9 @@ class RecordingReplicas:
 class ReplicationTests(Base):
     def setUp(self) -> None:
         super().setUp()
-        self.router = Router(self.clock, None, pool_factory=FakePool)
+        self.router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         self.copies = [RouterReplica(self.clock, pool_factory=FakePool) for _ in range(2)]
         self.replicas = RecordingReplicas(self.copies)
         self.router.replicas = self.replicas
@@ -258,7 +260,9 @@ class SingleProcessOrderTests(Base):
     def test_health_line_comes_before_deployed_without_workers(self) -> None:
         """One process logs exactly as before workers existed: the health change, then the
         deploy it let go on."""
-        router = Router(self.clock, None, pool_factory=FakePool)
+        router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         d = defer.ensureDeferred(
             router.deploy(
                 "web", ["aa:1"], [], 10**9, 10**9, False, ServiceOptions(), TargetOptions()
@@ -274,7 +278,7 @@ class SharedTurnsTests(unittest.TestCase):
     def test_workers_alternate_as_one(self) -> None:
         """Two copies of one balancer take turns from one shared position."""
         clock = task.Clock()
-        router = Router(clock, None, pool_factory=FakePool)
+        router = Router(clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck)
         slots = TurnSlots(SharedTurns.create())
         self.addCleanup(lambda: __import__("os").close(slots.turns.fd))
         copies = [

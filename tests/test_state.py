@@ -11,13 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from kamal_proxy.routing.options import (
-    HealthCheckConfig,
-    ServiceOptions,
-    TargetOptions,
-    normalize_hosts,
-    normalize_path_prefixes,
-)
 from kamal_proxy.routing.state import (
     PAUSE_PAUSED,
     PAUSE_RUNNING,
@@ -31,6 +24,13 @@ from kamal_proxy.routing.state import (
     save,
 )
 from kamal_proxy.routing.table import RoutingTable
+from kamal_proxy.service_options import (
+    HealthCheckConfig,
+    ServiceOptions,
+    TargetOptions,
+    normalize_hosts,
+    normalize_path_prefixes,
+)
 from tests.spec_keys import OPTION_KEYS, TARGET_OPTION_KEYS
 from tests.spec_keys import SERVICE_KEYS as TOP_KEYS
 

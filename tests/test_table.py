@@ -8,16 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from kamal_proxy.routing.options import (
-    OptionsError,
-    ServiceOptions,
-    normalize_path_prefixes,
-    validate_service_options,
-)
 from kamal_proxy.routing.table import (
     RoutingTable,
     host_without_port,
     split_host_port,
+)
+from kamal_proxy.service_options import (
+    OptionsError,
+    ServiceOptions,
+    normalize_path_prefixes,
+    validate_service_options,
 )
 
 

@@ -11,7 +11,7 @@ from twisted.web import server
 
 from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe import log as logmod
-from kamal_proxy.routing.options import ServiceOptions
+from kamal_proxy.service_options import ServiceOptions
 from kamal_proxy.tls.acme import Issuer
 from kamal_proxy.tls.certificates import (
     TLS,

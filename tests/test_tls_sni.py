@@ -14,8 +14,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from kamal_proxy.observe import log as logmod
-from kamal_proxy.routing.options import ServiceOptions
 from kamal_proxy.routing.table import RoutingTable
+from kamal_proxy.service_options import ServiceOptions
 from kamal_proxy.tls.certificates import StaticCertificate
 from kamal_proxy.tls.sni import (
     NEED_MORE,

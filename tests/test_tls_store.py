@@ -9,7 +9,7 @@ import tempfile
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.trial import unittest
 
-from kamal_proxy.routing.options import ACME_STAGING_DIRECTORY
+from kamal_proxy.service_options import ACME_STAGING_DIRECTORY
 from kamal_proxy.tls.store import (
     ACCOUNT_KEY_NAME,
     CertificateStore,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet import error, reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -25,6 +25,22 @@ from kamal_proxy.proxy.upstream import (
     UpstreamPool,
     UpstreamTimeout,
 )
+
+
+class _TimersOn:
+    """The real reactor for sockets, ``clock`` for timers."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+    def callLater(self, *args, **kwargs):
+        return self._clock.callLater(*args, **kwargs)
+
+    def seconds(self) -> float:
+        return self._clock.seconds()
 
 
 class Sink:
@@ -195,10 +211,14 @@ class MalformedBody(Exception):
 class LoopbackTests(unittest.TestCase):
     """Against real upstream servers on 127.0.0.1 ephemeral ports."""
 
-    def serve(self, handler, on_head=None, host="127.0.0.1") -> tuple[ServerFactory, UpstreamPool]:
+    def serve(
+        self, handler, on_head=None, host="127.0.0.1", timers: Clock | None = None
+    ) -> tuple[ServerFactory, UpstreamPool]:
+        """A server running ``handler`` and a pool for it (its timers on ``timers`` if given)."""
         factory = ServerFactory(handler, on_head)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        pool = UpstreamPool(reactor, host, port.getHost().port)
+        pool_reactor = reactor if timers is None else _TimersOn(timers)
+        pool = UpstreamPool(pool_reactor, host, port.getHost().port)
         self.addCleanup(self._shutdown, factory, port, pool)
         return factory, pool
 
@@ -414,18 +434,24 @@ class LoopbackTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_chunked_response_streams_progressively(self):
+        servers = []
+
         def handler(proto, req):
             proto.transport.write(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n"
             )
-            reactor.callLater(0.05, proto.transport.write, b"3\r\ntwo\r\n0\r\n\r\n")
+            servers.append(proto)
 
         factory, pool = self.serve(handler)
         ex, sink = self.get(pool)
-        while not sink.chunks:
+        for _ in range(2000):
+            if sink.chunks:
+                break
             yield deferLater(reactor, 0.005, lambda: None)
+        # The first chunk is relayed while the server still holds back the second.
         self.assertEqual(sink.body, b"one")
         self.assertFalse(ex.done.called)
+        servers[0].transport.write(b"3\r\ntwo\r\n0\r\n\r\n")
         yield ex.done
         self.assertEqual(sink.chunks, [b"one", b"two"])
 
@@ -536,12 +562,25 @@ class LoopbackTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_timeout_does_not_cover_body(self):
+        # Real sockets, the timer on a fake clock: the rest of the body comes after the timeout
+        # has expired however slowly the head got here.
+        servers = []
+
         def handler(proto, req):
             proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
-            reactor.callLater(0.15, proto.transport.write, b"cd")
+            servers.append(proto)
 
-        factory, pool = self.serve(handler)
+        clock = Clock()
+        factory, pool = self.serve(handler, timers=clock)
         ex, sink = self.get(pool, timeout=0.05)
+        for _ in range(1000):
+            if sink.body == b"ab":
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(sink.body, b"ab", "the head and the first bytes never arrived")
+        clock.advance(1)
+        self.assertFalse(ex.done.called, "the timeout cut the body")
+        servers[0].transport.write(b"cd")
         yield ex.done
         self.assertEqual(sink.body, b"abcd")
 

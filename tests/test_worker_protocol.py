@@ -20,10 +20,10 @@ from kamal_proxy.options import RunOptions, default_workers
 from kamal_proxy.process import commands
 from kamal_proxy.process.supervisor import MainConnection, Worker, WorkerPool
 from kamal_proxy.process.worker import WorkerConnection
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.router import Router
-from tests.test_balancer import FakeInFlight, FakePool
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
+from tests.test_balancer import FakeHealthCheck, FakeInFlight, FakePool
 
 
 class FakeAcme:
@@ -86,7 +86,9 @@ class WireTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.router = Router(self.clock, None, pool_factory=FakePool)
+        self.router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         self.tls = FakeTLS()
         self.pool = pool_with(self.router, self.tls, self.clock)
         self.replica = RouterReplica(self.clock, pool_factory=FakePool)
@@ -190,7 +192,9 @@ class FakeConnection:
 class BroadcastTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.router = Router(self.clock, None, pool_factory=FakePool)
+        self.router = Router(
+            self.clock, None, pool_factory=FakePool, health_check_factory=FakeHealthCheck
+        )
         self.pool = pool_with(self.router, FakeTLS(), self.clock)
         self.killed: list[str] = []
         self.workers = []
@@ -355,3 +359,40 @@ class WorkersOptionTests(unittest.TestCase):
             run_defaults({"KAMAL_PROXY_WORKERS": "", "WORKERS": "3"})["workers"], default_workers()
         )
         self.assertEqual(run_defaults({"WORKERS": "many"})["workers"], default_workers())
+
+
+class RelayTests(unittest.TestCase):
+    """Under twistd's text log a worker's output comes through the main process, line by line
+    (issue 12 §2: a daemon's stdout is /dev/null)."""
+
+    def test_lines_are_relayed_whole(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        from kamal_proxy.process.supervisor import WorkerProcess
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        ended: list[Any] = []
+        pool = SimpleNamespace(_ended=lambda worker, reason: ended.append(worker))
+        process = WorkerProcess(pool, Worker(3, 0.0))
+        line = b'{"time":"t","level":"INFO","msg":"Request","host":"a","status":200}\n'
+        process.outReceived(line[:20])
+        self.assertEqual([e for e in events if "kp_msg" in e], [])
+        process.outReceived(line[20:] + line[:10])
+        process.errReceived(b"Traceback (most recent call last):\n  File")
+        process.processEnded(Failure(error.ProcessDone(0)))
+        ours = [(e["kp_msg"], dict(e["kp_attrs"])) for e in events if "kp_msg" in e]
+        self.assertEqual(
+            ours,
+            [
+                ("Request", {"host": "a", "status": 200}),
+                (
+                    "Worker error output",
+                    {"worker": 3, "text": "Traceback (most recent call last):"},
+                ),
+                ("Output", {"text": '{"time":"t'}),
+                ("Worker error output", {"worker": 3, "text": "  File"}),
+            ],
+        )
+        self.assertEqual(len(ended), 1)

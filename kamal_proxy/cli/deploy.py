@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from kamal_proxy.cli.command import CLIError, CobraCommand, Invocation, Spec, exact_args
 from kamal_proxy.cli.flags import BOOL, DURATION, INT, INT64, STRING, STRING_SLICE, Flag
 from kamal_proxy.options import default_acme_cache_path
-from kamal_proxy.routing.options import (
+from kamal_proxy.service_options import (
     ACME_STAGING_DIRECTORY,
     DEFAULT_DEPLOY_TIMEOUT,
     DEFAULT_DRAIN_TIMEOUT,
@@ -258,9 +258,11 @@ def pre_run(inv: Invocation) -> None:
 def run(inv: Invocation) -> None:
     import json
 
+    from kamal_proxy.cli.progress import send_deploy
     from kamal_proxy.control import commands
 
-    inv.send(
+    send_deploy(
+        inv,
         commands.Deploy,
         service=inv.args[0],
         targets=list(inv["target"]),

@@ -8,9 +8,11 @@ from kamal_proxy.cli.flags import INT, STRING_SLICE, Flag
 
 
 def _run_deploy(inv: Invocation) -> None:
+    from kamal_proxy.cli.progress import send_deploy
     from kamal_proxy.control import commands
 
-    inv.send(
+    send_deploy(
+        inv,
         commands.RolloutDeploy,
         service=inv.args[0],
         targets=list(inv["target"]),

@@ -9,7 +9,7 @@ import click
 
 from kamal_proxy.cli.command import CobraCommand, Invocation, Spec, exact_args, no_args
 from kamal_proxy.cli.flags import DURATION, STRING, Flag
-from kamal_proxy.routing.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_PAUSE_TIMEOUT
+from kamal_proxy.service_options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_PAUSE_TIMEOUT
 
 HEADER_STYLE = "3;94"
 NAME_STYLE = "1;34"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kamal_proxy.control import wire
@@ -28,8 +29,21 @@ class ControlError(Exception):
     """A control-plane call failed; ``str()`` is the message to print after ``Error: ``."""
 
 
-def call(command: type[wire.Command], path: str, **arguments: Any) -> dict[str, Any]:
-    """Connect to ``path``, run ``command`` and disconnect; fails with :class:`ControlError`."""
+#: Notification command -> what to do with its values (``DeployProgress`` on a terminal).
+Notifications = Mapping[type[wire.Command], Callable[[dict[str, Any]], None]]
+
+
+def call(
+    command: type[wire.Command],
+    path: str,
+    on_notification: Notifications | None = None,
+    **arguments: Any,
+) -> dict[str, Any]:
+    """Connect to ``path``, run ``command`` and disconnect; fails with :class:`ControlError`.
+
+    Notifications the server sends before the answer (those the command asked for) go to
+    ``on_notification`` as they arrive; others are ignored.
+    """
     request = command.request(_TAG, arguments)
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise _dial_error(path, errno.EINVAL)
@@ -40,7 +54,7 @@ def call(command: type[wire.Command], path: str, **arguments: Any) -> dict[str, 
             raise _dial_error(path, e.errno or errno.ECONNREFUSED) from None
         try:
             sock.sendall(request)
-            box = _read_reply(sock)
+            box = _read_reply(sock, on_notification or {})
         except (OSError, wire.WireError):
             raise ControlError("unexpected EOF") from None
     if wire.ERROR in box:
@@ -52,7 +66,10 @@ def call(command: type[wire.Command], path: str, **arguments: Any) -> dict[str, 
         raise ControlError(f"invalid reply to {command.__name__}: {e}") from None
 
 
-def _read_reply(sock: socket.socket) -> wire.Box:
+def _read_reply(sock: socket.socket, on_notification: Notifications) -> wire.Box:
+    handlers = {
+        command.commandName: (command, handle) for command, handle in on_notification.items()
+    }
     reader = wire.BoxReader()
     while True:
         data = sock.recv(65536)
@@ -61,6 +78,14 @@ def _read_reply(sock: socket.socket) -> wire.Box:
         for box in reader.feed(data):
             if box.get(wire.ANSWER) == _TAG or box.get(wire.ERROR) == _TAG:
                 return box
+            found = handlers.get(box.get(wire.COMMAND, b""))
+            if found is not None and wire.ASK not in box:
+                command, handle = found
+                try:
+                    values = command.parse_arguments(box)
+                except (KeyError, ValueError, wire.WireError):
+                    continue  # a notification is only ever informative
+                handle(values)
 
 
 def _dial_error(path: str, code: int) -> ControlError:

@@ -5,6 +5,12 @@ the state file share one encoding.  Durations are integer nanoseconds.  Every fa
 should see travels as :class:`CommandFailed` whose description is the exact message the CLI
 prints after ``Error: ``.
 
+A ``deploy`` (or ``rollout deploy``) on a terminal asks for its progress with the optional
+``progress`` argument: while it is pending, the server then sends :class:`DeployProgress`
+notifications on the same connection, which the client reads before the answer.  A client
+that does not ask (an older one, or stderr not a terminal) sends and receives exactly what it
+did before.
+
 The commands are declared with :mod:`kamal_proxy.control.wire`, so the CLI reads this module
 without importing Twisted; ``Command.responder`` and ``Command.amp()`` give the server the
 ``twisted.protocols.amp.Command`` of the same declaration.
@@ -32,6 +38,7 @@ class Deploy(Command):
         (b"force", Boolean()),
         (b"service_options", BigUnicode()),  # JSON, SPEC §15.2 "options"
         (b"target_options", BigUnicode()),  # JSON, SPEC §15.2 "target_options"
+        (b"progress", Boolean(optional=True)),  # send DeployProgress while pending
     ]
     response: list = []
     errors = _ERRORS
@@ -83,6 +90,7 @@ class RolloutDeploy(Command):
         (b"readers", ListOf(Unicode())),
         (b"deploy_timeout", Integer()),
         (b"drain_timeout", Integer()),
+        (b"progress", Boolean(optional=True)),  # send DeployProgress while pending
     ]
     response: list = []
     errors = _ERRORS
@@ -102,3 +110,24 @@ class RolloutStop(Command):
     arguments = [(b"service", Unicode())]
     response: list = []
     errors = _ERRORS
+
+
+class DeployProgress(Command):
+    """Server to client, while a deploy that asked for it waits; never answered.
+
+    ``event`` is one of:
+
+    * ``health``: a health check of new ``target`` ended; ``reason`` says why it failed,
+      empty when it passed.
+    * ``drain``: the old ``targets`` are draining, for at most ``timeout`` nanoseconds.
+    * ``drained``: their requests in flight are done (or were cut at the timeout).
+    """
+
+    arguments = [
+        (b"event", Unicode()),
+        (b"target", Unicode(optional=True)),
+        (b"reason", Unicode(optional=True)),
+        (b"targets", ListOf(Unicode(), optional=True)),
+        (b"timeout", Integer(optional=True)),
+    ]
+    requiresAnswer = False

@@ -17,8 +17,8 @@ from twisted.protocols import amp
 
 from kamal_proxy.control import commands
 from kamal_proxy.observe.events import warn
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.router import Router, RouterError
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 
 class ControlProtocol(amp.AMP):
@@ -28,6 +28,14 @@ class ControlProtocol(amp.AMP):
         # Pause/stop/resume and rollout live in their own controller (traffic issue).
         self.controller = controller
 
+    def makeConnection(self, transport) -> None:
+        # AMP logs every connection made and lost: two lines per CLI call in twistd's log.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     def connectionMade(self) -> None:
         super().connectionMade()
         uid = _peer_uid(self.transport)
@@ -35,12 +43,12 @@ class ControlProtocol(amp.AMP):
             warn("Refused control connection from another user", uid=uid)
             self.transport.abortConnection()
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, **kwargs):
         """Run a Router call; its RouterError becomes the CommandFailed the CLI prints."""
 
         async def call():
             try:
-                result = fn(*args)
+                result = fn(*args, **kwargs)
                 if inspect.isawaitable(result):
                     await result
             except RouterError as e:
@@ -60,6 +68,7 @@ class ControlProtocol(amp.AMP):
         force,
         service_options,
         target_options,
+        progress=None,
     ):
         try:
             options = ServiceOptions.from_json(json.loads(service_options))
@@ -76,6 +85,7 @@ class ControlProtocol(amp.AMP):
             force,
             options,
             topts,
+            observer=self._observer(progress),
         )
 
     @commands.Remove.responder
@@ -86,11 +96,15 @@ class ControlProtocol(amp.AMP):
     def list_services(self):
         return {"services": json.dumps(self.router.list_services())}
 
-    def _controller_call(self, name: str, *args):
+    def _controller_call(self, name: str, *args, **kwargs):
         method = getattr(self.controller, name, None)
         if method is None:
             raise commands.CommandFailed(f"{name} is not supported yet")
-        return self._call(method, *args)
+        return self._call(method, *args, **kwargs)
+
+    def _observer(self, progress: bool | None) -> DeployProgressSender | None:
+        """Progress for a client that asked for it; the others get nothing new."""
+        return DeployProgressSender(self) if progress else None
 
     @commands.Pause.responder
     def pause(self, service, drain_timeout, pause_timeout):
@@ -105,9 +119,17 @@ class ControlProtocol(amp.AMP):
         return self._controller_call("resume", service)
 
     @commands.RolloutDeploy.responder
-    def rollout_deploy(self, service, targets, readers, deploy_timeout, drain_timeout):
+    def rollout_deploy(
+        self, service, targets, readers, deploy_timeout, drain_timeout, progress=None
+    ):
         return self._controller_call(
-            "rollout_deploy", service, list(targets), list(readers), deploy_timeout, drain_timeout
+            "rollout_deploy",
+            service,
+            list(targets),
+            list(readers),
+            deploy_timeout,
+            drain_timeout,
+            observer=self._observer(progress),
         )
 
     @commands.RolloutSet.responder
@@ -117,6 +139,31 @@ class ControlProtocol(amp.AMP):
     @commands.RolloutStop.responder
     def rollout_stop(self, service):
         return self._controller_call("rollout_stop", service)
+
+
+class DeployProgressSender:
+    """A ``DeployObserver`` that sends each event to the client of a pending deploy, as a
+    ``DeployProgress`` notification on its connection (read before the answer)."""
+
+    def __init__(self, protocol: amp.AMP) -> None:
+        self.protocol = protocol
+
+    def health_checked(self, target: str, reason: str | None) -> None:
+        self._send(event="health", target=target, reason=reason or "")
+
+    def draining(self, targets: list[str], timeout: int) -> None:
+        self._send(event="drain", targets=list(targets), timeout=timeout)
+
+    def drained(self, targets: list[str]) -> None:
+        self._send(event="drained", targets=list(targets))
+
+    def _send(self, **values) -> None:
+        if self.protocol.transport is None:
+            return  # the client left (Ctrl-C): the deploy goes on without it
+        try:
+            self.protocol.callRemote(commands.DeployProgress.amp(), **values)
+        except Exception as e:  # noqa: BLE001 - progress must never fail the deploy
+            warn("Unable to send deploy progress", error=str(e))
 
 
 def _peer_uid(transport) -> int | None:

@@ -88,7 +88,14 @@ def _python_name(name: bytes) -> str:
 
 
 class Argument:
-    """One value of a box; :meth:`amp` gives the Twisted argument that reads and writes it."""
+    """One value of a box; :meth:`amp` gives the Twisted argument that reads and writes it.
+
+    An ``optional`` argument may be left out (or given as None), as in AMP: that is how a
+    command grows without breaking the other side, which neither sends nor expects it.
+    """
+
+    def __init__(self, optional: bool = False) -> None:
+        self.optional = optional
 
     def to_box(self, name: bytes, box: Box, value: Any) -> None:
         box[name] = self.to_wire(value)
@@ -117,7 +124,7 @@ class Unicode(Argument):
     def amp(self) -> Any:
         from twisted.protocols import amp
 
-        return amp.Unicode()
+        return amp.Unicode(optional=self.optional)
 
 
 class Integer(Argument):
@@ -130,7 +137,7 @@ class Integer(Argument):
     def amp(self) -> Any:
         from twisted.protocols import amp
 
-        return amp.Integer()
+        return amp.Integer(optional=self.optional)
 
 
 class Boolean(Argument):
@@ -147,13 +154,14 @@ class Boolean(Argument):
     def amp(self) -> Any:
         from twisted.protocols import amp
 
-        return amp.Boolean()
+        return amp.Boolean(optional=self.optional)
 
 
 class ListOf(Argument):
     """Elements each preceded by their 16-bit length, in one value."""
 
-    def __init__(self, element: Argument) -> None:
+    def __init__(self, element: Argument, optional: bool = False) -> None:
+        super().__init__(optional)
         self.element = element
 
     def to_wire(self, value: list[Any]) -> bytes:
@@ -181,7 +189,7 @@ class ListOf(Argument):
     def amp(self) -> Any:
         from twisted.protocols import amp
 
-        return amp.ListOf(self.element.amp())
+        return amp.ListOf(self.element.amp(), optional=self.optional)
 
 
 class BigUnicode(Argument):
@@ -213,12 +221,15 @@ def _amp_big_unicode(big: BigUnicode) -> Any:
 
     class AMPBigUnicode(amp.Argument):
         def toBox(self, name, strings, objects, proto):
-            big.to_box(name, strings, objects[_python_name(name)])
+            value = objects.get(_python_name(name))
+            if value is not None or not self.optional:
+                big.to_box(name, strings, objects[_python_name(name)])
 
         def fromBox(self, name, strings, objects, proto):
-            objects[_python_name(name)] = big.from_box(name, strings)
+            present = name in strings
+            objects[_python_name(name)] = big.from_box(name, strings) if present else None
 
-    return AMPBigUnicode()
+    return AMPBigUnicode(optional=big.optional)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -228,13 +239,15 @@ class Command:
     """An AMP command declared as data, in the shape of ``amp.Command``.
 
     ``arguments`` and ``response`` list ``(wire name, Argument)``; ``errors`` maps exception
-    classes to error codes; ``commandName`` defaults to the class name.
+    classes to error codes; ``commandName`` defaults to the class name.  A command with
+    ``requiresAnswer = False`` is a notification: its box has no ``_ask`` and gets no answer.
     """
 
     commandName: ClassVar[bytes]
     arguments: ClassVar[list[tuple[bytes, Argument]]] = []
     response: ClassVar[list[tuple[bytes, Argument]]] = []
     errors: ClassVar[dict[type[Exception], bytes]] = {}
+    requiresAnswer: ClassVar[bool] = True
 
     _amp: ClassVar[Any] = None
 
@@ -250,20 +263,31 @@ class Command:
     def request(cls, tag: bytes, values: Mapping[str, Any]) -> bytes:
         """The encoded request box for ``values`` (keyword names, as for ``callRemote``)."""
         names = {_python_name(name) for name, _ in cls.arguments}
+        required = {_python_name(name) for name, a in cls.arguments if not a.optional}
         unknown = sorted(set(values) - names)
-        missing = sorted(names - set(values))
+        missing = sorted(required - set(values))
         if unknown or missing:
             raise TypeError(
                 f"{cls.__name__}: unknown arguments {unknown}, missing arguments {missing}"
             )
-        box: Box = {COMMAND: cls.commandName, ASK: tag}
+        box: Box = {COMMAND: cls.commandName}
+        if cls.requiresAnswer:
+            box[ASK] = tag
         for name, argument in cls.arguments:
-            argument.to_box(name, box, values[_python_name(name)])
+            value = values.get(_python_name(name))
+            if value is not None or not argument.optional:
+                argument.to_box(name, box, values[_python_name(name)])
         return encode_box(box)
 
     @classmethod
+    def parse_arguments(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        """The keyword values of a request box (a notification the server sent, say);
+        an optional argument left out is None."""
+        return _parse(cls.arguments, box)
+
+    @classmethod
     def parse_response(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
-        return {_python_name(name): argument.from_box(name, box) for name, argument in cls.response}
+        return _parse(cls.response, box)
 
     # -- the server's side ------------------------------------------------------------------
 
@@ -280,6 +304,7 @@ class Command:
                 "arguments": [(name, argument.amp()) for name, argument in cls.arguments],
                 "response": [(name, argument.amp()) for name, argument in cls.response],
                 "errors": dict(cls.errors),
+                "requiresAnswer": cls.requiresAnswer,
             }
             cls._amp = type(cls.__name__, (amp.Command,), attributes)
         return cls._amp
@@ -288,3 +313,13 @@ class Command:
     def responder(cls, function: Any) -> Any:
         """``amp.Command.responder`` of :meth:`amp`, so a responder reads as in plain AMP."""
         return cls.amp().responder(function)
+
+
+def _parse(arguments: list[tuple[bytes, Argument]], box: Mapping[bytes, bytes]) -> dict[str, Any]:
+    values = {}
+    for name, argument in arguments:
+        if argument.optional and name not in box:
+            values[_python_name(name)] = None
+        else:
+            values[_python_name(name)] = argument.from_box(name, box)
+    return values

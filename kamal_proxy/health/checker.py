@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 
 from kamal_proxy.observe.events import info
 from kamal_proxy.proxy.upstream import UpstreamPool
-from kamal_proxy.routing.options import HealthCheckConfig
+from kamal_proxy.service_options import HealthCheckConfig
 
 USER_AGENT = b"kamal-proxy"
 MAX_REDIRECTS = 10
@@ -163,6 +163,9 @@ def http_get(reactor, url: str, host: bytes | None) -> defer.Deferred[tuple[int,
 class HealthCheck:
     """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
 
+    #: Why the check just reported failed (None when it passed), for a deploy's progress.
+    last_error: str | None = None
+
     def __init__(
         self,
         reactor: IReactorTime,
@@ -170,8 +173,11 @@ class HealthCheck:
         config: HealthCheckConfig,
         report: Callable[[bool], None],
         agent: Any = None,
+        connector: Any = None,
     ) -> None:
         self._reactor = reactor
+        #: What connects to the target (``reactor`` unless given: tests time on a fake clock).
+        self._connector = reactor if connector is None else connector
         self.url = health_check_url(address, config)
         self._host = config.host.encode("utf-8") if config.host else None
         self._interval = config.interval / 1e9
@@ -208,6 +214,10 @@ class HealthCheck:
             self._running = None
             if self._closed:
                 return
+            if result is None or isinstance(result, str):
+                self.last_error = result
+            else:
+                self.last_error = getattr(result, "getErrorMessage", lambda: str(result))()
             self._report(result is None)
 
         d.addBoth(finished)
@@ -262,21 +272,26 @@ class HealthCheck:
 
     async def _get(self, url: str) -> tuple[int, str | None]:
         if self._agent is None:
-            return await http_get(self._reactor, url, self._host)
-        from twisted.web.client import readBody
+            return await http_get(self._connector, url, self._host)
+        return await agent_get(self._agent, url, self._host)
 
-        headers = Headers({b"User-Agent": [USER_AGENT]})
-        if self._host is not None:
-            headers.setRawHeaders(b"Host", [self._host])
-        response = await self._agent.request(b"GET", url.encode("utf-8"), headers)
-        try:
-            await readBody(response)
-        except defer.CancelledError:
-            raise  # the check timed out or was closed: do not go on to a redirect
-        except Exception:  # noqa: BLE001 - a truncated body still tells us the status
-            pass
-        location = response.headers.getRawHeaders(b"location", [None])[0]
-        return response.code, location.decode("latin-1") if location else None
+
+async def agent_get(agent: Any, url: str, host: bytes | None) -> tuple[int, str | None]:
+    """``http_get`` through a Twisted ``IAgent``: ``(status, Location)``."""
+    from twisted.web.client import readBody
+
+    headers = Headers({b"User-Agent": [USER_AGENT]})
+    if host is not None:
+        headers.setRawHeaders(b"Host", [host])
+    response = await agent.request(b"GET", url.encode("utf-8"), headers)
+    try:
+        await readBody(response)
+    except defer.CancelledError:
+        raise  # the check timed out or was closed: do not go on to a redirect
+    except Exception:  # noqa: BLE001 - a truncated body still tells us the status
+        pass
+    location = response.headers.getRawHeaders(b"location", [None])[0]
+    return response.code, location.decode("latin-1") if location else None
 
 
 def _error_text(e: Exception) -> str:

@@ -4,12 +4,18 @@ Ordinary messages go through ``twisted.logger`` (``emit``/``info``/...), so test
 observe them; the observer installed by ``start_logging`` writes ours as JSON and sends nothing
 else to stdout (library errors and tracebacks go to stderr, Twisted's chatter is dropped).
 The request log line is on the hot path and is written directly by ``log_request``.
+
+Under twistd's own text log (``twistd kamal-proxy`` without ``--logger``), every event reads
+as a sentence with its fields (``Target health updated: target=web:3000 state=healthy``,
+``format_text``), and :class:`TextLog` turns request lines into such events too, so that a
+daemonised twistd writes them to its log file; workers' lines are relayed there (``relay``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import sys
 import time
@@ -26,15 +32,19 @@ __all__ = [
     "REQUEST_KEYS",
     "WARN",
     "JsonLog",
+    "TextLog",
     "debug",
     "emit",
     "error",
+    "format_text",
     "format_time",
     "header_log_key",
     "info",
     "format_request_line",
     "log_request",
     "log_request_line",
+    "relay",
+    "set_debug",
     "start_logging",
     "warn",
 ]
@@ -198,6 +208,9 @@ def format_request_line(
 
 class JsonLog:
     """Writes JSON log lines to ``stream``; also a ``twisted.logger`` observer."""
+
+    #: Whether worker processes' output must come through this process (``TextLog``).
+    relays_workers = False
 
     def __init__(
         self,
@@ -385,8 +398,93 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class TextLog(JsonLog):
+    """Request lines as events of twistd's text log (``Request: host=... status=200 ...``).
+
+    The proxy writes request lines through the active ``JsonLog``; under twistd's text log
+    this one turns each line back into an event, so it lands in twistd's log file (a daemon's
+    stdout is ``/dev/null``).  It costs a JSON parse per request, in that mode only.  Worker
+    processes' output is relayed here too (``relays_workers``).
+    """
+
+    relays_workers = True
+
+    def __init__(self, debug: bool = False) -> None:
+        super().__init__(sys.stdout, debug=debug, error_stream=None)
+
+    def _queue(self, text: str) -> None:
+        for line in text.splitlines():
+            relay(line)
+
+    _write = _queue
+
+
+def relay(line: str) -> None:
+    """A JSON log line written by another process (a worker) or by ``JsonLog``, as an event of
+    this process's log; anything else as an ``Output`` error event."""
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("msg"), str):
+        emit(ERROR, "Output", text=line)
+        return
+    record.pop("time", None)
+    level = record.pop("level", INFO)
+    msg = record.pop("msg")
+    emit(level if level in _RANK else INFO, msg, **record)
+
+
+# --------------------------------------------------------------------------------------------
+# Text: for observers other than ours (twistd's log file), in the manner of Go slog's text
+# handler: ``msg: key=value key="with spaces" list=[a b]``.
+
+
+def format_text(msg: str, attrs: Iterable[tuple[str, Any]]) -> str:
+    """``msg`` and its attributes as one readable line."""
+    fields = " ".join(f"{key}={_text_value(value)}" for key, value in attrs)
+    return f"{msg}: {fields}" if fields else msg
+
+
+def _text_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + " ".join(_text_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return _dumps(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    elif isinstance(value, Failure):
+        value = value.getErrorMessage()
+    elif not isinstance(value, str):
+        value = str(value)
+    if value and _PLAIN_TEXT.match(value):
+        return value
+    return _encode_str(value)
+
+
+# Printable, and nothing that would make the field ambiguous (spaces, quotes, '=', brackets).
+_PLAIN_TEXT = re.compile(r'[^\s"=\[\]\\\x00-\x1f\x7f]+\Z')
+
+
 _logger = Logger(namespace="kamal_proxy")
 _active: JsonLog | None = None
+#: Events below this rank are dropped before any observer sees them (``set_debug``).
+_min_rank = 0
+
+
+def set_debug(debug: bool) -> None:
+    """DEBUG events only with ``--debug``: dropped at the source otherwise, whichever
+    observers there are (our JSON writer also filters; twistd's text log does not)."""
+    global _min_rank
+    _min_rank = 0 if debug else 1
 
 
 def start_logging(
@@ -404,6 +502,7 @@ def start_logging(
         clock=clock,
     )
     _active = log
+    set_debug(debug)
     globalLogBeginner.beginLoggingTo(
         [log],
         discardBuffer=True,
@@ -421,6 +520,7 @@ def twistd_observer() -> JsonLog:
     global _active
     log = JsonLog(sys.stdout, debug=env_bool("DEBUG", False), error_stream=sys.stderr)
     _active = log
+    set_debug(log.min_rank == 0)
     return log
 
 
@@ -436,13 +536,17 @@ def set_active(log: JsonLog | None) -> None:
 
 def emit(level: str, msg: str, **attrs: Any) -> None:
     """Log ``msg`` at ``level`` (DEBUG/INFO/WARN/ERROR) with ``attrs`` in keyword order."""
+    if _RANK.get(level, 1) < _min_rank:
+        return
+    items = tuple(attrs.items())
     _logger.emit(
         _TWISTED_LEVEL.get(level, LogLevel.info),
-        # Readable in other observers too (twistd's text log): the message and its attributes.
-        "{kp_msg} {kp_attrs}" if attrs else "{kp_msg}",
+        # Readable in other observers too (twistd's text log): a sentence and its fields.
+        "{kp_text}",
         kp_level=level,
         kp_msg=msg,
-        kp_attrs=tuple(attrs.items()),
+        kp_attrs=items,
+        kp_text=format_text(msg, items),
     )
 
 

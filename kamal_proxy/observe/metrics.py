@@ -10,9 +10,7 @@ it also has prometheus_client's standard ``process_*`` series.
 
 from __future__ import annotations
 
-import errno
 import gzip
-import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +29,7 @@ from twisted.internet import error as neterror
 from twisted.web import resource, server
 
 from kamal_proxy.observe.events import error, info
+from kamal_proxy.startup import StartupError, bind_reason
 
 __all__ = [
     "BUCKETS",
@@ -366,10 +365,8 @@ class MetricsService(appservice.Service):
                 interface=self.interface,
             )
         except neterror.CannotListenError as e:
-            from kamal_proxy.app import StartupError
-
             raise StartupError(
-                f"listen tcp :{self.requested_port}: bind: {_bind_reason(e)}"
+                f"listen tcp :{self.requested_port}: bind: {bind_reason(e)}"
             ) from None
 
     def stopService(self) -> defer.Deferred | None:
@@ -378,15 +375,3 @@ class MetricsService(appservice.Service):
         if port is None:
             return None
         return defer.maybeDeferred(port.stopListening)
-
-
-def _bind_reason(e: neterror.CannotListenError) -> str:
-    err = e.socketError
-    code = getattr(err, "errno", None)
-    if not isinstance(code, int) and getattr(err, "args", None):
-        code = err.args[0]
-    if code == errno.EADDRINUSE:
-        return "address already in use"
-    if isinstance(code, int):
-        return os.strerror(code).lower()
-    return str(err)

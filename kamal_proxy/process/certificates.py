@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from kamal_proxy import options as paths
 from kamal_proxy.observe.events import error
-from kamal_proxy.routing.options import ACME_PRODUCTION_DIRECTORY
+from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY
 from kamal_proxy.tls.certificates import TLS
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir
 

@@ -12,7 +12,9 @@ fds 3 and 4, one end of a socketpair on fd 5, where this side speaks AMP
 (``process/commands.py``), the shared round-robin positions on fd 6 (``routing/turns.py``)
 and, with ``--http3``, its own UDP socket on fd 7 (the same one for its replacement).  Stdout
 and stderr are this process's own: request lines are written whole (``observe/log.py``), so
-they never interleave.
+they never interleave.  Under twistd's text log (whose file a worker cannot share, and a
+daemon's stdout is ``/dev/null``) they are pipes instead, and each line a worker writes is
+relayed to that log by this process.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from twisted.internet import defer, error, protocol
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from kamal_proxy.observe import log
 from kamal_proxy.observe.events import error as log_error
 from kamal_proxy.observe.events import info, warn
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
+from kamal_proxy.startup import StartupError
 
 HTTP_FD, HTTPS_FD, CONTROL_FD, TURNS_FD, UDP_FD = 3, 4, 5, 6, 7
 #: How long a worker may take to apply a change before it is replaced.
@@ -97,8 +101,33 @@ class WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, pool: WorkerPool, worker: Worker) -> None:
         self.pool = pool
         self.worker = worker
+        self._partial = {1: b"", 2: b""}
+
+    # With relayed output only: the worker's stdout (JSON lines) and stderr, line by line.
+
+    def outReceived(self, data: bytes) -> None:
+        self._lines(1, data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._lines(2, data)
+
+    def _lines(self, fd: int, data: bytes) -> None:
+        *lines, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
+        for line in lines:
+            self._relay(fd, line)
+
+    def _relay(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if fd == 1:
+            log.relay(text)
+        elif text.strip():
+            log_error("Worker error output", worker=self.worker.index, text=text)
 
     def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._relay(fd, rest)
+        self._partial = {1: b"", 2: b""}
         self.pool._ended(self.worker, reason)
 
 
@@ -157,8 +186,6 @@ class WorkerPool(appservice.Service):
             try:
                 self._spawn(index)
             except OSError as e:
-                from kamal_proxy.app import StartupError
-
                 raise StartupError(f"start worker: {e}") from None
 
     def when_serving(self) -> defer.Deferred[None]:
@@ -206,10 +233,11 @@ class WorkerPool(appservice.Service):
         worker = Worker(index, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY)
+        relayed = getattr(log.active(), "relays_workers", False)
         fds = {
             0: stdin,
-            1: 1,
-            2: 2,
+            1: "r" if relayed else 1,
+            2: "r" if relayed else 2,
             HTTP_FD: self.http.fileno(),
             HTTPS_FD: self.https.fileno(),
             CONTROL_FD: theirs.fileno(),

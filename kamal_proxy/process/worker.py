@@ -31,7 +31,7 @@ from twisted.internet import defer, protocol
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from kamal_proxy.app import DataPlane, GracefulShutdown, setup_service
+from kamal_proxy.app import DataPlane, GracefulShutdown, setup_service, upstream_pool
 from kamal_proxy.observe.events import debug
 from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
@@ -53,7 +53,7 @@ class Worker:
         self.connection: WorkerConnection | None = None
         turns = SharedTurns(TURNS_FD) if config.get("turns", True) else None
         self.router = RouterReplica(
-            reactor, service_setup=lambda s: setup_service(s, self.tls), turns=turns
+            reactor, upstream_pool, service_setup=lambda s: setup_service(s, self.tls), turns=turns
         )
         self.tls = WorkerTLS(
             reactor,

@@ -19,12 +19,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from kamal_proxy.observe.events import error
 from kamal_proxy.routing.balancer import LoadBalancer, retire_when_idle
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.pause import PauseController, PauseState
 from kamal_proxy.routing.service import Service
 from kamal_proxy.routing.table import RoutingTable
-from kamal_proxy.routing.target import Target, TargetState
+from kamal_proxy.routing.target import PoolFactory, Target, TargetState
 from kamal_proxy.routing.turns import SharedTurnBalancer, SharedTurns
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 
 class RouterReplica:
@@ -33,7 +33,7 @@ class RouterReplica:
     def __init__(
         self,
         reactor: IReactorTime,
-        pool_factory: Callable | None = None,
+        pool_factory: PoolFactory,
         service_setup: Callable[[Service], None] | None = None,
         turns: SharedTurns | None = None,
     ) -> None:

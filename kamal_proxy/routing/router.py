@@ -21,18 +21,19 @@ from kamal_proxy.durations import format_duration
 from kamal_proxy.observe.events import debug, error, info
 from kamal_proxy.routing import state as statefile
 from kamal_proxy.routing.balancer import LoadBalancer, retire_when_idle
-from kamal_proxy.routing.options import (
+from kamal_proxy.routing.pause import PauseController
+from kamal_proxy.routing.progress import DeployObserver
+from kamal_proxy.routing.replication import Replicas
+from kamal_proxy.routing.rollout import split_point
+from kamal_proxy.routing.service import PauseState, Service
+from kamal_proxy.routing.table import RoutingTable
+from kamal_proxy.routing.target import HealthCheckFactory, PoolFactory, Target
+from kamal_proxy.service_options import (
     OptionsError,
     ServiceOptions,
     TargetOptions,
     validate_service_options,
 )
-from kamal_proxy.routing.pause import PauseController
-from kamal_proxy.routing.replication import Replicas
-from kamal_proxy.routing.rollout import split_point
-from kamal_proxy.routing.service import PauseState, Service
-from kamal_proxy.routing.table import RoutingTable
-from kamal_proxy.routing.target import Target
 
 CONFLICT_MESSAGE = "host is used by another service"
 
@@ -46,13 +47,17 @@ class Router:
         self,
         reactor: IReactorTime,
         state_path: str | None,
-        pool_factory: Callable | None = None,
+        pool_factory: PoolFactory,
         service_setup: Callable[[Service], None] | None = None,
+        health_check_factory: HealthCheckFactory | None = None,
     ) -> None:
         self.reactor = reactor
         self.state_path = state_path
         self.services: dict[str, Service] = {}
+        # Given from above (``app``): routing imports neither the proxy nor the health checks.
+        # Without a health check factory targets are never checked (tests report by hand).
         self._pool_factory = pool_factory
+        self._health_check_factory = health_check_factory
         # Builds per-service extras (certificates, error pages); raises RouterError to refuse.
         self._service_setup = service_setup
         self.table: RoutingTable = RoutingTable.build([], "")
@@ -87,8 +92,8 @@ class Router:
         target_options: TargetOptions,
     ) -> LoadBalancer:
         try:
-            writers = [Target(self.reactor, a, target_options, self._pool_factory) for a in targets]
-            read = [Target(self.reactor, a, target_options, self._pool_factory) for a in readers]
+            writers = [self._target(a, target_options) for a in targets]
+            read = [self._target(a, target_options) for a in readers]
         except OptionsError as e:
             raise RouterError(str(e)) from None
         lb = LoadBalancer(
@@ -99,6 +104,11 @@ class Router:
         )
         lb.on_health_change = self._health_changed
         return lb
+
+    def _target(self, address: str, target_options: TargetOptions) -> Target:
+        return Target(
+            self.reactor, address, target_options, self._pool_factory, self._health_check_factory
+        )
 
     def _health_changed(self, lb: LoadBalancer, target: Target) -> defer.Deferred | None:
         if self.replicas is not None:
@@ -140,7 +150,10 @@ class Router:
         force: bool,
         options: ServiceOptions,
         target_options: TargetOptions,
+        observer: DeployObserver | None = None,
     ) -> None:
+        """Deploy ``targets`` for service ``name`` (SPEC §13.1); ``observer`` is told of the
+        health checks it waits for and of the drain."""
         try:
             validate_service_options(options)
         except OptionsError as e:
@@ -160,7 +173,7 @@ class Router:
         lb = self._balancer(targets, readers, options, target_options)
         lb.start()
         if not force:
-            await self._wait_healthy(lb, deploy_timeout)
+            await self._wait_healthy(lb, deploy_timeout, observer)
 
         try:
             previous = self._install(name, options, target_options, lb, slot="active")
@@ -171,12 +184,17 @@ class Router:
         self.save()
         await self._publish(name)
         if previous is not None:
-            await self._drain_and_retire(previous, drain_timeout)
+            await self._drain_and_retire(previous, drain_timeout, observer)
         info("Deployed", **attrs)
 
-    async def _wait_healthy(self, lb: LoadBalancer, timeout: int) -> None:
+    async def _wait_healthy(
+        self, lb: LoadBalancer, timeout: int, observer: DeployObserver | None = None
+    ) -> None:
         waiting = lb.wait_healthy()
         timer = self.reactor.callLater(max(timeout, 0) / 1e9, waiting.cancel)
+        if observer is not None:
+            for target in lb.targets:
+                target.on_check = lambda t, reason: observer.health_checked(t.address, reason)
         try:
             await waiting
         except defer.CancelledError:
@@ -188,6 +206,8 @@ class Router:
         finally:
             if timer.active():
                 timer.cancel()
+            for target in lb.targets:
+                target.on_check = None
 
     def _install(
         self,
@@ -219,12 +239,19 @@ class Router:
         self._rebuild_table()
         return previous
 
-    async def _drain_and_retire(self, lb: LoadBalancer, drain_timeout: int) -> None:
+    async def _drain_and_retire(
+        self, lb: LoadBalancer, drain_timeout: int, observer: DeployObserver | None = None
+    ) -> None:
         lb.stop()
+        addresses = [t.address for t in lb.targets]
+        if observer is not None:
+            observer.draining(addresses, drain_timeout)
         try:
             await self._drain([lb], drain_timeout)
         finally:
             self._retire(lb)
+        if observer is not None:
+            observer.drained(addresses)
 
     async def remove(self, name: str) -> None:
         service = self.services.pop(name, None)
@@ -276,18 +303,19 @@ class Router:
         readers: list[str],
         deploy_timeout: int,
         drain_timeout: int,
+        observer: DeployObserver | None = None,
     ) -> None:
         service = self.get(name)
         info("Deploying for rollout", service=name, targets=list(targets))
         lb = self._balancer(targets, readers, service.options, service.target_options)
         lb.start()
-        await self._wait_healthy(lb, deploy_timeout)
+        await self._wait_healthy(lb, deploy_timeout, observer)
         service = self.get(name)
         previous, service.rollout = service.rollout, lb
         self.save()
         await self._publish(name)
         if previous is not None:
-            await self._drain_and_retire(previous, drain_timeout)
+            await self._drain_and_retire(previous, drain_timeout, observer)
         info("Deployed for rollout", service=name, targets=list(targets))
 
     async def rollout_set(self, name: str, percentage: int, allowlist: list[str]) -> None:

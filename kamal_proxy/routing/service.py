@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kamal_proxy.routing.balancer import LoadBalancer
-from kamal_proxy.routing.options import ServiceOptions, TargetOptions
 from kamal_proxy.routing.pause import PauseController, PauseState
+from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 __all__ = ["PauseState", "Service"]
 

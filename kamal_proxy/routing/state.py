@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from kamal_proxy.routing.options import (
+from kamal_proxy.service_options import (
     HealthCheckConfig,
     ServiceOptions,
     TargetOptions,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
-from kamal_proxy.routing.options import (
+from kamal_proxy.service_options import (
     ServiceOptions,
     normalize_hosts,
     normalize_path_prefixes,

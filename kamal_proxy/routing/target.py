@@ -1,17 +1,21 @@
-"""One upstream address: its health state, its requests in flight, its pool, its drain."""
+"""One upstream address: its health state, its requests in flight, its pool, its drain.
+
+Routing sits below the proxy and the health checks (DESIGN §2), so a target is given how to
+make its connection pool and its health check (``app`` wires the proxy's pool and
+``health.checker``); tests give fakes.
+"""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
-from kamal_proxy.health.checker import HealthCheck
 from kamal_proxy.observe.events import info
-from kamal_proxy.routing.options import TargetOptions, validate_target_address
+from kamal_proxy.service_options import HealthCheckConfig, TargetOptions, validate_target_address
 
 
 class TargetState(enum.Enum):
@@ -27,6 +31,25 @@ class InFlight(Protocol):
 
     def cancel_for_drain(self) -> None:
         """Answer 504 if the response has not started, else cut the connection."""
+
+
+class HealthChecker(Protocol):
+    """What a target needs of its health check (``health.checker.HealthCheck``)."""
+
+    def start(self) -> None:
+        """Check now, then every interval, reporting each result."""
+
+    def close(self) -> None:
+        """Stop checking; a check in flight is dropped and reports nothing."""
+
+
+#: ``(reactor, address, config, report)`` -> a health check that calls ``report(ok, reason)``
+#: after every check: ``ok`` tells whether it passed, ``reason`` why it failed (or None).
+HealthCheckFactory = Callable[
+    [Any, str, HealthCheckConfig, Callable[[bool, "str | None"], None]], HealthChecker
+]
+#: ``(reactor, host, port)`` -> the target's upstream connection pool (it has ``close()``).
+PoolFactory = Callable[[Any, str, int], Any]
 
 
 def _log_health(address: str, new: TargetState, was: TargetState) -> None:
@@ -49,7 +72,8 @@ class Target:
         reactor: IReactorTime | IReactorTCP,
         address: str,
         options: TargetOptions,
-        pool_factory: Callable[[object, str, int], object] | None = None,
+        pool_factory: PoolFactory,
+        health_check_factory: HealthCheckFactory | None = None,
     ) -> None:
         validate_target_address(address)
         self.reactor = reactor
@@ -60,13 +84,15 @@ class Target:
         self.draining = False
         self.inflight: set[InFlight] = set()
         self._idle_waiters: list[tuple[set[InFlight], defer.Deferred]] = []
-        self._check: HealthCheck | None = None
+        self._health_check_factory = health_check_factory
+        self._check: HealthChecker | None = None
+        #: Told of every health check's outcome, ``(target, reason)`` with ``reason`` None
+        #: when it passed (a deploy showing its progress listens while it waits).
+        self.on_check: Callable[[Target, str | None], None] | None = None
         self.on_state_change: Callable[[Target], None] | None = None
         #: Told of a health change first; a Deferred it returns (the worker processes applying
         #: the change) delays the log line until the change is in effect everywhere.
         self.before_state_change: Callable[[Target], defer.Deferred | None] | None = None
-        if pool_factory is None:
-            from kamal_proxy.proxy.upstream import UpstreamPool as pool_factory
         self.pool = pool_factory(reactor, self.host, self.port)
         self.response_timeout = options.response_timeout / 1e9 if options.response_timeout else None
 
@@ -76,8 +102,10 @@ class Target:
     # -- health -----------------------------------------------------------
 
     def start_health_checks(self) -> None:
-        if self._check is None:
-            self._check = HealthCheck(
+        """Start checking, with the health check factory given (none: a copy of another
+        process's target, whose health that process tells)."""
+        if self._check is None and self._health_check_factory is not None:
+            self._check = self._health_check_factory(
                 self.reactor, self.address, self.options.health_check_config, self.report_health
             )
             self._check.start()
@@ -91,8 +119,11 @@ class Target:
     def health_checking(self) -> bool:
         return self._check is not None
 
-    def report_health(self, ok: bool) -> None:
-        """Apply one check result through the state machine of SPEC §12.2."""
+    def report_health(self, ok: bool, reason: str | None = None) -> None:
+        """Apply one check result through the state machine of SPEC §12.2; ``reason`` says
+        why a check failed."""
+        if self.on_check is not None:
+            self.on_check(self, None if ok else reason or "unhealthy")
         was = self.state
         if ok:
             new = TargetState.HEALTHY

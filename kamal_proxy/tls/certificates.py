@@ -26,7 +26,7 @@ from kamal_proxy import options as paths
 from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe.events import error, warn
 from kamal_proxy.proxy.resource import ProbeResource
-from kamal_proxy.routing.options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
+from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
 from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
 from kamal_proxy.tls.sni import CertificateSelector, server_context, tls_server_factory
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir, pem_blocks

@@ -151,7 +151,11 @@ class PebbleServer:
     def directory_url(self) -> str:
         return f"https://127.0.0.1:{self.port}/dir"
 
-    def start(self, timeout: float = 10.0) -> PebbleServer:
+    def start(self, timeout: float = 60.0) -> PebbleServer:
+        """Start the DNS shim and Pebble; ``timeout`` bounds each start-up (support.py's
+        PROCESS_TIMEOUT: starting a process takes long on a loaded machine)."""
+        from tests.integration.support import _readline_with_timeout
+
         ca_key, ca = make_ca("kamal-proxy test pebble CA")
         key, cert = make_leaf(ca_key, ca, ["localhost"], ["127.0.0.1"])
         write_pem(self.ca_path, cert_pem(ca))
@@ -180,7 +184,7 @@ class PebbleServer:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        line = self.dns.stdout.readline().decode().strip()
+        line = _readline_with_timeout(self.dns, timeout)
         if not line.startswith("READY "):
             self.stop()
             raise AssertionError(f"DNS shim failed to start: {line!r}")

@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -34,15 +35,18 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from twisted.trial import unittest
 
 from tests.integration.upstream_app import pattern_bytes, read_ws_frame, ws_frame
 
 __all__ = [
+    "PROCESS_TIMEOUT",
     "CliResult",
     "HttpClient",
     "IntegrationTestCase",
@@ -61,6 +65,11 @@ __all__ = [
     "shared_proxy",
     "shared_upstream",
 ]
+
+# How long a process may take to start, or to stop, on a heavily loaded machine (2 CPUs, a
+# load of 40: start-up is ~0.5 s of CPU, and such a machine gives a process a few percent of
+# one).  A failure detector only: a passing run never waits this long.
+PROCESS_TIMEOUT = 60.0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPSTREAM_APP = os.path.join(HERE, "upstream_app.py")
@@ -107,7 +116,9 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+def _stop_pid(
+    proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = PROCESS_TIMEOUT
+) -> int:
     """Signal one process by PID, wait bounded, SIGKILL as a last resort; returns the exit code."""
     if proc.poll() is None:
         try:
@@ -193,7 +204,7 @@ def unix_socket_accepts(path: str) -> bool:
         s.close()
 
 
-def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll ``check`` until it returns a truthy value; the last value or AssertionError."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -246,15 +257,23 @@ class ProxyProcess:
         home: str | None = None,
         http_port: int | None = None,
         https_port: int | None = None,
+        metrics: bool = False,
     ):
+        """``metrics=True`` serves metrics on a port of the harness's choice (``metrics_port``);
+        prefer it to ``--metrics-port`` in ``extra_args``, which start() cannot pick anew."""
         self.root = tempfile.mkdtemp(prefix="kp-it-")
         self.home = home or os.path.join(self.root, "home")
         os.makedirs(self.home, exist_ok=True)
         self.socket_dir = os.path.join(self.root, "run")
         os.makedirs(self.socket_dir, exist_ok=True)
         self.socket_path = os.path.join(self.socket_dir, "kamal-proxy.sock")
+        # Ports the harness picks itself may be taken by another process (other suites run on
+        # the same machine) between the pick and the bind: start() picks those again.
+        self._picked = {"http_port": http_port is None, "https_port": https_port is None}
         self.http_port = http_port or free_port()
         self.https_port = https_port or free_port()
+        self.metrics_port = free_port() if metrics else None
+        self._picked["metrics_port"] = metrics
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
@@ -295,18 +314,35 @@ class ProxyProcess:
         return proxy_command()
 
     def run_args(self) -> list[str]:
-        return [
-            "run",
-            "--http-port",
-            str(self.http_port),
-            "--https-port",
-            str(self.https_port),
-            *self.extra_args,
-        ]
+        args = ["run", "--http-port", str(self.http_port), "--https-port", str(self.https_port)]
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port)]
+        return [*args, *self.extra_args]
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0, wait_ready: bool = True) -> ProxyProcess:
+    def start(self, timeout: float = PROCESS_TIMEOUT, wait_ready: bool = True) -> ProxyProcess:
+        for attempt in range(3):
+            self._spawn()
+            if not wait_ready:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken as e:
+                if attempt == 2 or not self._pick_again(e.port):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _pick_again(self, port: int) -> bool:
+        """Replace ``port`` with a fresh one if the harness picked it; whether it did."""
+        for name, picked in self._picked.items():
+            if picked and getattr(self, name) == port:
+                setattr(self, name, free_port())
+                return True
+        return False
+
+    def _spawn(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with self._cond:
             self.lines.clear()
@@ -329,21 +365,24 @@ class ProxyProcess:
         ]
         for reader in self._readers:
             reader.start()
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = PROCESS_TIMEOUT) -> None:
         """Ready = ``Server started`` is logged (as a process manager reads it), the control
         socket accepts connections and the HTTP port answers."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._join_readers()
-                raise AssertionError(
+                message = (
                     f"kamal-proxy run exited with {self.proc.returncode} during start-up\n"
                     + self.describe()
                 )
+                with self._cond:
+                    stderr = "\n".join(self.stderr_lines)
+                taken = _PORT_TAKEN.search(stderr)
+                if taken:
+                    raise PortTaken(message, int(taken.group(1)))
+                raise AssertionError(message)
             if (
                 self.logs("Server started")
                 and unix_socket_accepts(self.socket_path)
@@ -357,7 +396,7 @@ class ProxyProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PROCESS_TIMEOUT) -> int | None:
         """Stop by PID (SIGTERM, bounded wait, SIGKILL fallback); returns the exit code."""
         if self.proc is None:
             return None
@@ -374,7 +413,7 @@ class ProxyProcess:
             except OSError:
                 pass
 
-    def restart(self, timeout: float = 20.0) -> ProxyProcess:
+    def restart(self, timeout: float = PROCESS_TIMEOUT) -> ProxyProcess:
         """Stop and start again with the same HOME, socket and ports."""
         code = self.stop()
         assert code == 0, f"kamal-proxy exited {code} on SIGTERM\n" + self.describe()
@@ -415,7 +454,7 @@ class ProxyProcess:
             records = list(self.records[since:])
         return [r for r in records if _matches(r, msg, attrs)]
 
-    def wait_for_log(self, msg: str, timeout: float = 5.0, since: int = 0, **attrs: Any) -> dict:
+    def wait_for_log(self, msg: str, timeout: float = 10.0, since: int = 0, **attrs: Any) -> dict:
         """The first JSON log record with ``msg`` (and the given attributes) after ``since``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -471,6 +510,17 @@ class ProxyProcess:
         return HttpClient(self.http_port, **kwargs)
 
 
+_PORT_TAKEN = re.compile(r"listen (?:tcp|udp) :(\d+): bind: address already in use")
+
+
+class PortTaken(AssertionError):
+    """The proxy could not start: ``port`` is in use."""
+
+    def __init__(self, message: str, port: int):
+        super().__init__(message)
+        self.port = port
+
+
 def _matches(record: dict, msg: str | None, attrs: dict[str, Any]) -> bool:
     if msg is not None and record.get("msg") != msg:
         return False
@@ -478,7 +528,7 @@ def _matches(record: dict, msg: str | None, attrs: dict[str, Any]) -> bool:
 
 
 def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 60.0, cwd: str | None = None
+    *args: str, env: dict[str, str], timeout: float = PROCESS_TIMEOUT, cwd: str | None = None
 ) -> CliResult:
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -547,7 +597,7 @@ class UpstreamProcess:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        line = _readline_with_timeout(self.proc, 10.0)
+        line = _readline_with_timeout(self.proc, PROCESS_TIMEOUT)
         if not line.startswith("PORT "):
             _stop_pid(self.proc, signal.SIGKILL, 5)
             raise AssertionError(f"upstream {name} failed to start: {line!r}")
@@ -591,6 +641,26 @@ class UpstreamProcess:
 
     def health_checks(self) -> int:
         return self.stats()["health_checks"]
+
+    # Gates (upstream_app.py): requests that the test holds in flight and releases, so that a
+    # test states an order of events instead of sleeping "long enough".
+
+    def wait_arrived(self, gate: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Return once ``count`` requests naming ``gate`` have reached this upstream."""
+        resp = http_request(
+            self.port,
+            "GET",
+            f"/control/arrived?gate={quote(gate)}&count={count}&timeout_ms={int(timeout * 1000)}",
+            timeout=timeout + 10,
+        )
+        if resp.status != 200:
+            raise AssertionError(f"upstream {self.name}: {resp.text} within {timeout}s")
+
+    def release(self, gate: str, count: int = 1) -> None:
+        """Let requests held on ``gate`` go on (``count`` more steps of a gated stream)."""
+        resp = self.get(f"/control/release?gate={quote(gate)}&count={count}")
+        if resp.status != 200:
+            raise AssertionError(f"upstream {self.name}: release of {gate} failed: {resp!r}")
 
 
 def _readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:
@@ -960,21 +1030,35 @@ def amp_call(path: str, command: bytes, timeout: float = 30.0, **arguments: byte
 # -- test case base -------------------------------------------------------------------------
 
 _SHARED: dict[str, ProxyProcess] = {}
+# Shared proxies kept running by one test process, the most recently used.  Trial (also with
+# -j) runs a process's tests in suite order, so a class's tests come together and an earlier
+# class's proxy is seldom needed again; kept until exit, the twenty-odd of a process took
+# ~65 MB each, three times that with two workers, and the machine ran out of memory.
+SHARED_PROXIES_KEPT = 2
 
 
 def shared_proxy(key: str, **kwargs: Any) -> ProxyProcess:
-    """A proxy shared by the tests of one class (started on first use, stopped at exit).
+    """A proxy shared by the tests of one class (started on first use, stopped when other
+    classes' proxies push it out, or at exit).
 
     Trial has no class-level fixtures; start-up costs about a second, so classes whose tests
     do not interfere (distinct services and hosts) share one process.  A dead one is replaced.
     """
-    proxy = _SHARED.get(key)
-    if proxy is None or not proxy.alive():
-        if proxy is not None:
-            proxy.cleanup()
-        proxy = ProxyProcess(**kwargs)
+    proxy = _SHARED.pop(key, None)
+    if proxy is not None and proxy.alive():
+        _SHARED[key] = proxy  # now the most recently used
+        return proxy
+    if proxy is not None:
+        proxy.cleanup()
+    while len(_SHARED) >= SHARED_PROXIES_KEPT:
+        _SHARED.pop(next(iter(_SHARED))).cleanup()
+    proxy = ProxyProcess(**kwargs)
+    try:
         proxy.start()
-        _SHARED[key] = proxy
+    except BaseException:
+        proxy.cleanup()
+        raise
+    _SHARED[key] = proxy
     return proxy
 
 
@@ -1000,6 +1084,14 @@ def _stop_shared() -> None:
     _SHARED_UPSTREAMS.clear()
 
 
+def _release_quietly(upstream: UpstreamProcess, gate: str) -> None:
+    if upstream.alive():
+        try:
+            upstream.release(gate, 1000)
+        except (OSError, AssertionError):
+            pass
+
+
 class SigtermOnStartMixin:
     """Sends SIGTERM from the stdout reader the instant ``Server started`` arrives, as a
     process manager may: the server must stop gracefully, not die of the signal."""
@@ -1022,9 +1114,11 @@ class SigtermWhenStarted(SigtermOnStartMixin, ProxyProcess):
 class IntegrationTestCase(unittest.TestCase):
     """Base class: helpers that start things and register their cleanup."""
 
-    # Subclasses that set this share one proxy process per class.
+    # Subclasses that set this share one proxy process per class (with metrics on a port of
+    # its own, ``self.proxy.metrics_port``, if ``metrics``).
     shared: bool = False
     proxy_args: tuple[str, ...] = ()
+    metrics: bool = False
 
     def setUp(self) -> None:
         timings = os.environ.get("KAMAL_PROXY_IT_TIMINGS")
@@ -1037,7 +1131,9 @@ class IntegrationTestCase(unittest.TestCase):
 
             self.addCleanup(record)
         if self.shared:
-            self.proxy = shared_proxy(type(self).__qualname__, extra_args=self.proxy_args)
+            self.proxy = shared_proxy(
+                type(self).__qualname__, extra_args=self.proxy_args, metrics=self.metrics
+            )
             self.proxy.log_mark()
 
     def start_proxy(self, *extra_args: str, **kwargs: Any) -> ProxyProcess:
@@ -1061,6 +1157,13 @@ class IntegrationTestCase(unittest.TestCase):
             args += ["--target", items.pop(0)]
         proxy.cli_ok(*args, *items)
         self.remove_later(service, proxy)
+
+    def gate(self, upstream: UpstreamProcess, name: str = "gate") -> str:
+        """A fresh gate name on ``upstream`` (``/hold?gate=G``, ``/stream?gate=G`` ...), released
+        at cleanup so that nothing stays held after the test."""
+        gate = f"{name}-{uuid.uuid4().hex[:12]}"
+        self.addCleanup(_release_quietly, upstream, gate)
+        return gate
 
     def remove_later(self, service: str, proxy: ProxyProcess | None = None) -> None:
         """Remove ``service`` at cleanup (whether or not it exists by then)."""

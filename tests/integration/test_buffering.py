@@ -12,7 +12,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import time
 
 from tests.integration.support import eventually, pattern_bytes, shared_proxy
 from tests.integration.traffic_support import (
@@ -124,13 +123,21 @@ class BufferingTests(TrafficTestCase):
             "--buffer-memory",
             "0",
         )
-        bg = self.bg_request(self.proxy, "GET", "/stream?chunks=4&ms=300", host="resp.buffer")
-        eventually(lambda: spill_files(SPILL_DIR), timeout=3)
-        self.assertFalse(bg.done(), "a buffered response must not be sent early")
-        resp = bg.result(10)
+        gate = self.gate(self.up)
+        sock = raw_request_head(
+            self.proxy.http_port,
+            f"GET /stream?chunks=4&gate={gate} HTTP/1.1\r\nHost: resp.buffer\r\n\r\n".encode(),
+        )
+        self.addCleanup(sock.close)
+        eventually(lambda: spill_files(SPILL_DIR), timeout=10)
+        # The first chunk is spilled; the upstream holds back the rest: nothing is sent yet.
+        sock.settimeout(0.2)
+        with self.assertRaises(TimeoutError, msg="a buffered response must not be sent early"):
+            sock.recv(1)
+        self.up.release(gate, 4)
+        resp = read_response(sock)
         self.assertEqual(resp.status, 200)
-        self.assertEqual(resp.text, "".join(f"chunk {i}\n" for i in range(4)))
-        self.assertGreater(resp.elapsed, 0.8)
+        self.assertEqual(resp.read().decode(), "".join(f"chunk {i}\n" for i in range(4)))
         self.assertNoSpillFiles()
 
     def test_request_body_limit(self):
@@ -244,13 +251,18 @@ class BufferingTests(TrafficTestCase):
         )
         self.deploy("bf-sse-plain", self.up.addr, "--host", "sseplain.buffer")
         for host in ("sse.buffer", "sseplain.buffer"):
+            gate = self.gate(self.up)
             client = self.proxy.client(host=host)
-            started = time.monotonic()
-            resp = client.send("GET", "/sse?events=2&ms=100&hold_ms=3000", timeout=5)
+            self.addCleanup(client.close)
+            resp = client.send("GET", f"/sse?events=2&gate={gate}", timeout=10)
             self.assertEqual(resp.status, 200)
             self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
+            # Each event arrives while the upstream holds back the next one.
             self.assertEqual(resp.readline(), b"data: event 0\n", host)
             self.assertEqual(resp.readline(), b"\n")
+            self.up.release(gate)
             self.assertEqual(resp.readline(), b"data: event 1\n", host)
-            self.assertLess(time.monotonic() - started, 1.5, f"{host}: SSE was held back")
+            self.assertEqual(resp.readline(), b"\n")
+            self.up.release(gate)
+            self.assertEqual(resp.read(), b"", host)
             client.close()

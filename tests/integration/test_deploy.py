@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.integration.support import (
+    PROCESS_TIMEOUT,
     IntegrationTestCase,
     eventually,
     parse_list_output,
@@ -41,6 +42,13 @@ class Background(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def check_gaps(up, count: int) -> list[float]:
+    """The sorted gaps (seconds) between the last ``count`` health checks that reached ``up``."""
+    eventually(lambda: up.health_checks() >= count, timeout=15)
+    times = [r["time"] for r in up.stats()["health_requests"]][-count:]
+    return sorted(b - a for a, b in zip(times, times[1:], strict=False))
 
 
 class DeployListRemoveTests(IntegrationTestCase):
@@ -184,9 +192,7 @@ class HealthTests(IntegrationTestCase):
     def test_deploy_waits_until_healthy(self):
         """Scenario 144: deploy returns only once healthy; no traffic reached the target while
         it was unhealthy, although clients kept asking for its host."""
-        started = time.monotonic()
-        healthy_at = time.time() + 1.5
-        up = self.upstream("late", "--unhealthy-for", "1.5")
+        up = self.upstream("late", "--health-status", "503")
         stop = threading.Event()
         statuses = []
 
@@ -197,26 +203,24 @@ class HealthTests(IntegrationTestCase):
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        try:
-            self.deploy(
-                "late",
-                up.addr,
-                "--host",
-                "late.test",
-                "--deploy-timeout",
-                "20s",
-                "--health-check-interval",
-                "200ms",
-            )
-            returned = time.monotonic()
-        finally:
-            stop.set()
-            poller.join(5)
-        self.assertGreaterEqual(returned - started, 1.5)
-        self.assertLess(returned - started, 8.0)
-        early = [r for r in up.stats()["requests"] if r["time"] < healthy_at]
-        self.assertEqual(early, [], "proxied requests reached the target before it was healthy")
-        self.assertTrue(statuses and set(statuses) <= {404, 200}, statuses)
+        self.addCleanup(poller.join, 5)
+        self.addCleanup(stop.set)
+        deploy = Background(
+            self.proxy.cli, "deploy", "late", "--target", up.addr, "--host", "late.test",
+            "--deploy-timeout", "5m", "--health-check-interval", "200ms",
+        )  # fmt: skip
+        self.remove_later("late")
+        # The proxy is checking the unhealthy target and clients are asking for its host.
+        eventually(lambda: up.health_checks() >= 3, timeout=PROCESS_TIMEOUT)
+        eventually(lambda: len(statuses) >= 3, timeout=15)
+        self.assertTrue(deploy.is_alive(), "deploy returned before the target was healthy")
+        self.assertEqual(up.request_count(), 0, "requests reached the target before it was healthy")
+        up.set_health(200)
+        result = deploy.value(PROCESS_TIMEOUT)
+        self.assertEqual((result.code, result.out, result.err), (0, "", ""))
+        stop.set()
+        poller.join(5)
+        self.assertTrue(set(statuses) <= {404, 200}, statuses)
         self.assertServes("late.test", "late")
         self.proxy.wait_for_log("Target health updated", target=up.addr, state="healthy")
 
@@ -231,7 +235,10 @@ class HealthTests(IntegrationTestCase):
             result.err, "Error: target failed to become healthy within configured timeout (1s)\n"
         )
         self.assertEqual(result.out, "")
-        self.assertTrue(0.9 <= result.elapsed <= 5.0, result.elapsed)
+        self.assertGreaterEqual(result.elapsed, 0.9, "failed before the deploy timeout")
+        # It gave up after 1s, not after the 30s default: at the default 1s interval the target
+        # was checked a few times, not thirty (load can only make it fewer).
+        self.assertLessEqual(up.health_checks(), 3)
         self.assertNotIn("sick", [row[0] for row in self.proxy.list_rows()])
         self.assertNotFound("sick.test")
         self.proxy.wait_for_log(
@@ -290,8 +297,8 @@ class HealthTests(IntegrationTestCase):
             "--health-check-interval", "200ms",
         )  # fmt: skip
         self.remove_later("forced")
+        # Exit 0 is the "at once": without --force this target would fail the deploy.
         self.assertEqual(result.code, 0, result)
-        self.assertLess(result.elapsed, 5.0)
         resp = self.get("forced.test")
         self.assertEqual(resp.status, 503)
         self.assertIn("503", resp.text)
@@ -308,31 +315,34 @@ class HealthTests(IntegrationTestCase):
         )  # fmt: skip
         self.remove_later("forceclosed")
         self.assertEqual(result.code, 0, result)
-        self.assertLess(result.elapsed, 5.0)
         self.assertEqual(self.get("forceclosed.test").status, 503)
         row = [r for r in self.proxy.list_rows() if r[0] == "forceclosed"][0]
         self.assertEqual(row[3], "127.0.0.1:9")
 
     def test_check_counts(self):
-        """Scenario 147: 200ms interval -> 5..14 checks in 2s per target of a pair; a lone
-        healthy target is no longer checked and keeps serving when its /up fails."""
+        """Scenario 147: each target of a pair is checked every 200ms; a lone healthy target is
+        no longer checked and keeps serving when its /up fails."""
         a, b = self.upstream("a"), self.upstream("b")
         self.deploy(
             "pair", a.addr, b.addr, "--host", "pair.test", "--health-check-interval", "200ms"
         )
         a.reset()
         b.reset()
-        time.sleep(2.0)
         for up in (a, b):
-            count = up.health_checks()
-            self.assertTrue(5 <= count <= 14, f"{up.name}: {count} checks in 2s")
+            gaps = check_gaps(up, 8)
+            # The median gap between checks is the interval; a late check shortens the next
+            # gap as much as it lengthens its own (fixed rate), so load leaves it in place.
+            median = gaps[len(gaps) // 2]
+            self.assertTrue(0.1 <= median <= 0.6, f"{up.name}: gaps between checks {gaps}")
 
         lone = self.upstream("lone")
         self.deploy("lone", lone.addr, "--host", "lone.test", "--health-check-interval", "200ms")
-        time.sleep(0.3)
+        # Checks stop as the lone target turns healthy, before the deploy returns.
         lone.reset()
         lone.set_health(500)
-        time.sleep(1.0)
+        a.reset()
+        # While the pair's target is checked three times, the lone one is not checked at all.
+        eventually(lambda: a.health_checks() >= 3, timeout=15)
         self.assertEqual(lone.health_checks(), 0)
         self.assertServes("lone.test", "lone")
 
@@ -365,10 +375,12 @@ class HealthTests(IntegrationTestCase):
         # Replaced targets are no longer checked.
         c, d = self.upstream("c"), self.upstream("d")
         self.deploy("rot", c.addr, d.addr, "--host", "rot.test", "--health-check-interval", "100ms")
-        time.sleep(0.2)
-        a.reset()
-        b.reset()
-        time.sleep(0.6)
+        # A check of a or b already sent when the deploy switched may still land: let c and d
+        # be checked a few times first, then watch a and b while c and d are checked again.
+        for _ in range(2):
+            for up in (a, b, c, d):
+                up.reset()
+            eventually(lambda: c.health_checks() >= 3 and d.health_checks() >= 3, timeout=15)
         self.assertEqual((a.health_checks(), b.health_checks()), (0, 0))
 
     def test_health_check_request_shape(self):
@@ -444,66 +456,76 @@ class DrainTests(IntegrationTestCase):
         """Scenario 151: the deploy drains the old target; new requests reach the new one."""
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("drain", old.addr, "--host", "drain.test")
-        slow = Background(self.get, "drain.test", "/slow?ms=2500", timeout=15)
-        slow_started = time.monotonic()
-        time.sleep(0.3)
+        gate = self.gate(old)
+        slow = Background(self.get, "drain.test", f"/hold?gate={gate}", timeout=120)
+        old.wait_arrived(gate)
+        mark = self.proxy.log_mark()
         deploy = Background(
             self.proxy.cli, "deploy", "drain", "--target", new.addr, "--host", "drain.test",
-            "--drain-timeout", "20s",
+            "--drain-timeout", "5m",
         )  # fmt: skip
-        eventually(lambda: self.get("drain.test").text == "new", timeout=5)
+        eventually(lambda: self.get("drain.test").text == "new", timeout=PROCESS_TIMEOUT)
+        # The old target still holds the request: the deploy must still be draining.
         self.assertTrue(deploy.is_alive(), "deploy returned while a request was in flight")
+        self.assertEqual(self.proxy.logs("Deployed", since=mark, service="drain"), [])
+        old.release(gate)
         resp = slow.value()
         self.assertEqual((resp.status, resp.text), (200, "old"))
         result = deploy.value()
         self.assertEqual(result.code, 0, result)
-        self.assertGreaterEqual(deploy.finished_at - slow_started, 2.4)
-        self.assertLess(deploy.finished_at - slow.finished_at, 1.5)
+        self.proxy.wait_for_log("Deployed", since=mark, service="drain")
 
     def test_drain_timeout_cancels_request(self):
-        """Scenario 151: ``--drain-timeout 1s`` cuts a 10s request with 504."""
+        """Scenario 151: ``--drain-timeout 1s`` cuts a request the old target still holds with
+        504, and the deploy returns then."""
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("cut", old.addr, "--host", "cut.test")
-        slow = Background(self.get, "cut.test", "/slow?ms=10000", timeout=15)
-        time.sleep(0.3)
+        gate = self.gate(old)
+        slow = Background(self.get, "cut.test", f"/hold?gate={gate}", timeout=120)
+        old.wait_arrived(gate)
         mark = self.proxy.log_mark()
         started = time.monotonic()
         result = self.proxy.cli(
             "deploy", "cut", "--target", new.addr, "--host", "cut.test", "--drain-timeout", "1s"
         )
         self.assertEqual(result.code, 0, result)
-        self.assertTrue(0.9 <= time.monotonic() - started <= 4.0, time.monotonic() - started)
-        resp = slow.value(10)
+        self.assertGreaterEqual(
+            time.monotonic() - started, 0.9, "returned before the drain timeout"
+        )
+        resp = slow.value(20)
         self.assertEqual(resp.status, 504)
-        self.assertLess(slow.finished_at - started, 4.0)
         record = self.proxy.wait_for_log("Request cancelled due to draining", since=mark)
         self.assertEqual(record.get("target"), old.addr)
-        self.assertEqual(record.get("path"), "/slow")
+        self.assertEqual(record.get("path"), "/hold")
         self.assertServes("cut.test", "new")
 
     def test_deploy_with_nothing_in_flight_is_prompt(self):
-        """Scenario 151: an idle drain returns at once even with a 30s drain timeout."""
+        """Scenario 151: an idle drain returns at once, not after the drain timeout."""
         old, new = self.upstream("old"), self.upstream("new")
         self.deploy("idle", old.addr, "--host", "idle.test")
         self.assertServes("idle.test", "old")
         result = self.proxy.cli(
-            "deploy", "idle", "--target", new.addr, "--host", "idle.test", "--drain-timeout", "30s"
+            "deploy", "idle", "--target", new.addr, "--host", "idle.test", "--drain-timeout", "5m"
         )
+        # Waiting for the 5 minutes would outlast the CLI's bound (PROCESS_TIMEOUT, a minute).
         self.assertEqual(result.code, 0)
-        self.assertLess(result.elapsed, 4.0)
+        self.assertServes("idle.test", "new")
 
     def test_remove_does_not_wait(self):
-        """Scenario 153: remove returns at once; the in-flight request still completes."""
+        """Scenario 153: remove returns while a request is in flight; that request completes."""
         up = self.upstream("rm")
         other = self.upstream("other")
         self.deploy("rmsvc", up.addr, "--host", "rm.test")
-        slow = Background(self.get, "rm.test", "/slow?ms=1500", timeout=10)
-        time.sleep(0.3)
+        gate = self.gate(up)
+        slow = Background(self.get, "rm.test", f"/hold?gate={gate}", timeout=120)
+        up.wait_arrived(gate)
         result = self.proxy.cli("remove", "rmsvc")
         self.assertEqual((result.code, result.out, result.err), (0, "", ""))
-        self.assertLess(result.elapsed, 1.2)
-        self.assertTrue(slow.is_alive())
+        # The upstream holds the request until the release below: had remove waited for it, or
+        # for a drain timeout that cancels it, it would not be in flight any more.
+        self.assertTrue(slow.is_alive(), "remove returned only once the request had ended")
         self.assertNotFound("rm.test")
+        up.release(gate)
         resp = slow.value()
         self.assertEqual((resp.status, resp.text), (200, "rm"))
         again = self.proxy.cli("remove", "rmsvc")

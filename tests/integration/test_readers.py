@@ -69,11 +69,13 @@ class ReaderTests(TrafficTestCase):
         self.assertTrue(attrs["expires"].endswith(" GMT"), cookies[0])
         self.assertEqual(calendar.timegm(parsed[:9]), expires_ms // 1000 + 1, cookies[0])
 
-        cookie = {"Cookie": f"kamal-writer={value}"}
-        resp = client.request("GET", "/", headers=cookie)
+        # Pinned reads, with a cookie that stays valid however slowly these requests go (the
+        # one above expires 700ms after the write); it expires below.
+        pinned = {"Cookie": f"kamal-writer={int(time.time() * 1000) + 60_000}"}
+        resp = client.request("GET", "/", headers=pinned)
         self.assertEqual(self.who(resp), "writer")
         self.assertEqual(self.writer_cookies(resp), [], "a pinned read gets no new cookie")
-        resp = client.request("GET", "/echo", headers=cookie)
+        resp = client.request("GET", "/echo", headers=pinned)
         self.assertEqual(resp.echo_header("X-Kamal-Target"), self.writer.addr)
         resp = client.request("GET", "/echo")
         self.assertEqual(resp.echo_header("X-Kamal-Target"), self.reader.addr)
@@ -83,6 +85,7 @@ class ReaderTests(TrafficTestCase):
         for bad in ("abc", str(int(time.time() * 1000) - 1), "", "9" * 30):
             resp = client.request("GET", "/", headers={"Cookie": f"kamal-writer={bad}"})
             self.assertEqual(self.who(resp), "reader", f"invalid cookie {bad!r}")
+        cookie = {"Cookie": f"kamal-writer={value}"}
         time.sleep(max(0.0, expires_ms / 1000 - time.time()) + 0.05)
         self.assertEqual(self.who(client.request("GET", "/", headers=cookie)), "reader")
         client.close()

@@ -29,7 +29,7 @@ class Traffic:
         self.deadline = time.monotonic() + HARD_LIMIT
         self.lock = threading.Lock()
         self.threads = [
-            threading.Thread(target=self._run, args=(name, fn), daemon=True)
+            threading.Thread(target=self._run, args=(name, fn), name=name, daemon=True)
             for name, fn in (
                 ("keepalive", self._keepalive),
                 ("keepalive2", self._keepalive),
@@ -49,6 +49,25 @@ class Traffic:
         self.stop.set()
         for t in self.threads:
             t.join(15)
+
+    def wait_for_progress(self, timeout: float = 20.0) -> None:
+        """Return once every client thread has finished one more request than now (so that
+        the next deploy happens under all kinds of traffic, however slow the machine)."""
+        with self.lock:
+            before = dict(self.counts)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                behind = [
+                    t.name
+                    for t in self.threads
+                    if self.counts.get(t.name, 0) <= before.get(t.name, 0)
+                ]
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no request of {behind} finished within {timeout}s")
+            time.sleep(0.02)
 
     def running(self) -> bool:
         return not self.stop.is_set() and time.monotonic() < self.deadline
@@ -131,13 +150,13 @@ class ZeroDowntimeTests(IntegrationTestCase):
         self.addCleanup(observer.close)
         traffic = Traffic(proxy.http_port, {"v1", "v2"}).start()
         self.addCleanup(traffic.finish)
-        time.sleep(0.5)
+        traffic.wait_for_progress()
         for i in range(6):
             up = v2 if i % 2 == 0 else v1
             proxy.cli_ok("deploy", "zd", "--target", up.addr, "--host", HOST)
             resp = observer.request("GET", "/")
             self.assertEqual(resp.text, up.name, "keep-alive client did not see the new target")
-            time.sleep(0.3)
+            traffic.wait_for_progress()
         traffic.finish()
         self.assertNoFailures(traffic)
         self.assertTrue(proxy.alive())
@@ -152,7 +171,7 @@ class ZeroDowntimeTests(IntegrationTestCase):
         self.addCleanup(observer.close)
         traffic = Traffic(proxy.http_port, allowed).start()
         self.addCleanup(traffic.finish)
-        time.sleep(0.5)
+        traffic.wait_for_progress()
         for n in range(2, 7):
             new = self.upstream(f"v{n}")
             allowed.add(new.name)
@@ -161,7 +180,7 @@ class ZeroDowntimeTests(IntegrationTestCase):
             current = new
             resp = observer.request("GET", "/")
             self.assertEqual(resp.text, new.name, "keep-alive client did not see the new target")
-            time.sleep(0.3)
+            traffic.wait_for_progress()
         traffic.finish()
         self.assertNoFailures(traffic)
         self.assertTrue(proxy.alive())

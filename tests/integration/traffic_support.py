@@ -32,9 +32,11 @@ __all__ = [
     "shared_upstream",
     "fnv1a32",
     "go_escape",
+    "in_flight",
     "in_group",
     "spill_files",
     "split_point",
+    "wait_in_flight",
 ]
 
 BUILTIN_TITLES = {
@@ -174,6 +176,28 @@ def sample(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def in_flight(metrics_port: int, service: str) -> float | None:
+    """The proxy's ``kamal_proxy_http_in_flight_requests`` gauge for ``service`` (None before
+    its first request)."""
+    resp = http_request(metrics_port, "GET", "/metrics")
+    return sample(parse_metrics(resp.text), "kamal_proxy_http_in_flight_requests", service=service)
+
+
+def wait_in_flight(metrics_port: int, service: str, count: int, timeout: float = 10.0) -> None:
+    """Return once the proxy counts ``count`` requests in flight for ``service``: the signal
+    that requests it holds (a pause) have arrived, where no upstream sees them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = in_flight(metrics_port, service)
+        if value == count:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{service}: {value} requests in flight, not {count}, after {timeout}s"
+            )
+        time.sleep(0.02)
+
+
 class TrafficTestCase(IntegrationTestCase):
     """Shared helpers for the traffic-control test files."""
 
@@ -198,7 +222,7 @@ class TrafficTestCase(IntegrationTestCase):
         return Background(fn)
 
     def bg_request(self, proxy: ProxyProcess, method: str, path: str, **kw: Any) -> Background:
-        kw.setdefault("timeout", 20)
+        kw.setdefault("timeout", 120)
         return Background(lambda: http_request(proxy.http_port, method, path, **kw))
 
     def assertErrorPage(self, resp: Response, status: int, *texts: str) -> None:

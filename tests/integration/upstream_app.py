@@ -4,6 +4,11 @@ Run as ``python upstream_app.py NAME [--port N] [--unhealthy-for SECONDS] [--hea
 [--health-path PATH ...]``.  It binds 127.0.0.1 (an ephemeral port unless ``--port``), prints
 ``PORT <n>`` as its first stdout line, then serves HTTP/1.1 with keep-alive until killed.
 
+Gates order events between a test and this upstream without sleeping: a request that names
+gate ``K`` counts as an arrival of ``K`` as soon as it is read, and waits where the endpoint
+says until the test releases ``K`` (``/control/release``); the test learns of arrivals with
+``/control/arrived``.  Gates are shared by all connections and survive ``/control/reset``.
+
 Every ordinary response carries ``X-Upstream-Name: NAME`` and ``X-Upstream-Path: <request
 target as received>`` so a test can tell which upstream answered and which URI it saw.
 
@@ -13,11 +18,18 @@ Endpoints (the first path segment picks the endpoint; anything else answers ``NA
 ``/up`` (and every ``--health-path``)   health: the current health status (default 200)
 ``/control/health?status=N&delay_ms=M`` set the health status / delay (not counted)
 ``/control/stats``                      JSON counters: per path, health checks, requests
-``/control/reset``                      clear the counters
+``/control/reset``                      clear the counters (not the gates)
+``/control/arrived?gate=K&count=N``     wait (``timeout_ms``, default 10000) until N requests
+                                        naming gate K have arrived: 200, else 504
+``/control/release?gate=K&count=N``     release gate K N more times (default 1)
+``/hold?gate=K``                        ``NAME`` once gate K is released (``max_ms``, default
+                                        120000, then 500): a request the test holds in flight
 ``/slow?ms=N``                          ``NAME`` after N ms
 ``/echo...``                            JSON: method, target, path, query, headers, body hash
 ``/stream?chunks=N&ms=M``               chunked, ``chunk <i>\\n`` every M ms
 ``/sse?events=N&ms=M&hold_ms=H``        ``text/event-stream`` events, then hold H ms
+``/stream`` or ``/sse`` with ``gate=K`` the first piece at once; each later piece, and the end
+                                        of the body, only after one more release of gate K
 ``/big?bytes=N``                        N pattern bytes with ``Content-Length``
 ``/bigchunked?bytes=N``                 N pattern bytes, chunked
 ``/upload``                             JSON: body length and sha256 (chunked or not)
@@ -75,6 +87,9 @@ class State:
         self.health_delay = 0.0
         self.unhealthy_until = unhealthy_until
         self.health_paths = set(health_paths)
+        self.gates = threading.Condition(threading.Lock())
+        self.arrivals: dict[str, int] = {}
+        self.releases: dict[str, int] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -98,6 +113,29 @@ class State:
                 ),
                 "websockets": self.websockets,
             }
+
+    # -- gates (see the module docstring) ---------------------------------------------------
+
+    def arrive(self, gate: str) -> None:
+        with self.gates:
+            self.arrivals[gate] = self.arrivals.get(gate, 0) + 1
+            self.gates.notify_all()
+
+    def release(self, gate: str, count: int) -> None:
+        with self.gates:
+            self.releases[gate] = self.releases.get(gate, 0) + count
+            self.gates.notify_all()
+
+    def wait_arrivals(self, gate: str, count: int, timeout: float) -> int:
+        """The number of arrivals of ``gate`` once it reaches ``count`` or ``timeout`` passes."""
+        with self.gates:
+            self.gates.wait_for(lambda: self.arrivals.get(gate, 0) >= count, timeout)
+            return self.arrivals.get(gate, 0)
+
+    def wait_released(self, gate: str, count: int, timeout: float) -> bool:
+        """True once ``gate`` has been released ``count`` times, False after ``timeout``."""
+        with self.gates:
+            return self.gates.wait_for(lambda: self.releases.get(gate, 0) >= count, timeout)
 
 
 STATE: State
@@ -198,6 +236,10 @@ class Handler(BaseHTTPRequestHandler):
                     }
                 )
 
+        gate = params.get("gate", [None])[0]
+        if gate is not None:
+            STATE.arrive(gate)
+
         if segment == "ws" and "websocket" in (self.headers.get("Upgrade") or "").lower():
             return self.websocket()
 
@@ -221,6 +263,18 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, b"ok")
         if path == "/control/reset":
             STATE.reset()
+            return self.send(200, b"ok")
+        if path == "/control/arrived":
+            gate = params["gate"][0]
+            count = int(params.get("count", ["1"])[0])
+            timeout = int(params.get("timeout_ms", ["10000"])[0]) / 1000
+            arrived = STATE.wait_arrivals(gate, count, timeout)
+            status = 200 if arrived >= count else 504
+            return self.send(
+                status, b"%d of %d requests of gate %s arrived" % (arrived, count, gate.encode())
+            )
+        if path == "/control/release":
+            STATE.release(params["gate"][0], int(params.get("count", ["1"])[0]))
             return self.send(200, b"ok")
         body = json.dumps(STATE.snapshot()).encode()
         return self.send(200, body, "application/json")
@@ -252,6 +306,24 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(int(params.get("ms", ["1000"])[0]) / 1000)
         self.send(200, STATE.name.encode())
 
+    def ep_hold(self, path, query, params, body):
+        gate = params["gate"][0]
+        max_wait = int(params.get("max_ms", ["120000"])[0]) / 1000
+        if STATE.wait_released(gate, 1, max_wait):
+            self.send(200, STATE.name.encode())
+        else:
+            self.send(500, b"gate %s was never released" % gate.encode())
+
+    def pace(self, params, piece: int, delay: float) -> None:
+        """Before piece ``piece`` (and before the end, piece = count): with ``gate=K`` wait
+        for the piece-th release of K, else sleep ``delay`` (never before the first)."""
+        gate = params.get("gate", [None])[0]
+        if gate is not None:
+            max_wait = int(params.get("max_ms", ["120000"])[0]) / 1000
+            STATE.wait_released(gate, piece, max_wait)
+        elif piece:
+            time.sleep(delay)
+
     def ep_echo(self, path, query, params, body):
         info = {
             "name": STATE.name,
@@ -272,9 +344,10 @@ class Handler(BaseHTTPRequestHandler):
         delay = int(params.get("ms", ["100"])[0]) / 1000
         self.start_chunked()
         for i in range(chunks):
-            if i:
-                time.sleep(delay)
+            self.pace(params, i, delay)
             self.chunk(b"chunk %d\n" % i)
+        if "gate" in params:
+            self.pace(params, chunks, 0)
         self.chunk(b"")
 
     def ep_sse(self, path, query, params, body):
@@ -283,10 +356,11 @@ class Handler(BaseHTTPRequestHandler):
         hold = int(params.get("hold_ms", ["0"])[0]) / 1000
         self.start_chunked(ctype="text/event-stream", headers=[("Cache-Control", "no-cache")])
         for i in range(events):
-            if i:
-                time.sleep(delay)
+            self.pace(params, i, delay)
             self.chunk(b"data: event %d\n\n" % i)
-        if hold:
+        if "gate" in params:
+            self.pace(params, events, 0)
+        elif hold:
             time.sleep(hold)
         self.chunk(b"")
 

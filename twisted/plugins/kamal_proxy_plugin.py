@@ -2,6 +2,11 @@
 
 Flags and environment defaults are those of ``run`` (SPEC §3.4); both doors build the service
 with ``kamal_proxy.app.make_service``.
+
+Logging follows twistd's: with its own text log (``--logfile``, ``--syslog``, or stdout with
+``-n``) every event, request lines and the workers' lines included, goes to that log as a
+readable sentence; with ``--logger kamal_proxy.observe.log.twistd_observer`` they are the JSON
+lines of ``run`` on stdout.  DEBUG events appear only with ``--debug`` (or ``DEBUG=true``).
 """
 
 from __future__ import annotations
@@ -72,8 +77,6 @@ class KamalProxyServiceMaker:
     options = Options
 
     def makeService(self, options: Options) -> Any:
-        import sys
-
         from twisted.internet import reactor
 
         from kamal_proxy.app import make_service
@@ -81,10 +84,16 @@ class KamalProxyServiceMaker:
 
         json_log = log.active()
         if json_log is None:
-            # Under twistd's own text log, request lines still go to stdout as JSON.
-            json_log = log.JsonLog(sys.stdout, debug=options["debug"], error_stream=None)
-            log.set_active(json_log)
-        json_log.batch_flushes(reactor.callLater)
+            # twistd's own text log: request lines become events of it (a daemon has no
+            # stdout), and workers' lines are relayed to it.
+            log.set_active(log.TextLog(debug=options["debug"]))
+            log.set_debug(options["debug"])
+        else:
+            # Our JSON observer (--logger): --debug lowers its level too.
+            if options["debug"]:
+                json_log.min_rank = 0
+            log.set_debug(json_log.min_rank == 0)
+            json_log.batch_flushes(reactor.callLater)
         return make_service(options.run_options())
 
 

@@ -1,4 +1,8 @@
-"""Service and target options: one model for the CLI, the control plane and the state file.
+"""Service and target options: one model for the CLI, the control plane, routing, health
+checks, TLS and the state file.
+
+It sits at the bottom of the layers (DESIGN §2), beside ``durations``, because all of those
+read it and none may import another for it.
 
 Field names and JSON layout follow the Go original's state file (SPEC §15.2) so that a state
 file written by either program restores in the other.  Durations are integer nanoseconds.

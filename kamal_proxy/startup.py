@@ -1,0 +1,33 @@
+"""Start-up failures, shared by every layer that opens something when the server starts.
+
+``app`` prints them (``Error: <message>``, exit 1); the metrics port, the listeners and the
+workers raise them.  They live at the bottom of the layers (DESIGN §2) so that ``observe``
+does not have to import ``app`` to refuse a port that is taken.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the base layer loads no Twisted, as the CLI reads from it
+    from twisted.internet import error as neterror
+
+
+class StartupError(Exception):
+    """Printed as ``Error: <message>`` by ``run``; the process exits 1."""
+
+
+def bind_reason(e: neterror.CannotListenError) -> str:
+    """The end of Go's ``listen tcp :80: bind: <reason>``: ``address already in use``, or the
+    system's text for the error in lower case (``permission denied``)."""
+    err = e.socketError
+    code = getattr(err, "errno", None)
+    if not isinstance(code, int) and getattr(err, "args", None):
+        code = err.args[0]
+    if code == errno.EADDRINUSE:
+        return "address already in use"
+    if isinstance(code, int):
+        return os.strerror(code).lower()
+    return str(err)
