@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from kamal_proxy.proxy.descriptors import budget, socket_number
 from kamal_proxy.proxy.http1 import (
     MAX_HEAD_BYTES,
     REASONS,
@@ -553,6 +554,8 @@ class HTTP1Channel(Protocol):
         self._linger: Any = None
         self._peer: tuple[str, str] | None = None
         self._secure: bool | None = None
+        self._budgeted = False  # counted in the descriptor budget
+        self._starved = False  # over it: the first request is answered 503
 
     @property
     def _channel(self) -> HTTP1Channel:
@@ -568,10 +571,18 @@ class HTTP1Channel(Protocol):
         # The transport tells us (pauseProducing) when the client stops reading.
         transport.registerProducer(self, True)
         self.site.connections.add(self)
+        self._budgeted = True
+        self._starved = not budget.admit(socket_number(transport))
+
+    def _release(self) -> None:
+        if self._budgeted:
+            self._budgeted = False
+            budget.release()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._dead = True
         self.site.connections.discard(self)
+        self._release()
         self._stop_splice()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -596,6 +607,7 @@ class HTTP1Channel(Protocol):
         """The connection is handed to another protocol (ALPN chose HTTP/2)."""
         self._dead = True
         self.site.connections.discard(self)
+        self._release()
         self.transport.unregisterProducer()
 
     def peer_address(self) -> tuple[str, str]:
@@ -684,6 +696,10 @@ class HTTP1Channel(Protocol):
         return True
 
     def _start(self, req: HTTP1Request) -> None:
+        if self._starved:
+            # Near the open-files limit: no upstream connection for this client (descriptors).
+            self._reject(503, "")
+            return
         self._persistent = req.keep_alive
         self._req = req
         length = req.length
@@ -1095,8 +1111,10 @@ class ProxySite(Factory):
     def startFactory(self) -> None:
         """The listener opens: what exists now (modules, routing state) lives as long as the
         process, so the cyclic GC need not scan it again (gc.freeze; a full collection
-        otherwise walks some 60,000 start-up objects, a 15 ms pause)."""
+        otherwise walks some 60,000 start-up objects, a 15 ms pause).  The open-files limit
+        is read again too (it was raised at start): clients are admitted against it."""
         gc.freeze()
+        budget.refresh()
 
     def buildProtocol(self, addr: Any) -> Protocol:
         channel = HTTP1Channel(self)
