@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from kamal_proxy.proxy import channel as channel_module
 from kamal_proxy.proxy.channel import make_site
-from kamal_proxy.proxy.descriptors import DescriptorBudget, socket_number
+from kamal_proxy.proxy.descriptors import RETRY_SECONDS, DescriptorBudget, socket_number
 from tests.test_channel import GET, Handler, parse_responses
 
 
@@ -32,17 +32,38 @@ class SocketTransport(StringTransport):
 
 
 class BudgetTests(unittest.TestCase):
+    def budget(self, limit: int, in_use: list[int]) -> DescriptorBudget:
+        return DescriptorBudget(limit=limit, reserve=16, count_open=lambda: in_use[0])
+
     def test_every_client_keeps_room_for_its_upstream_and_the_reserve(self) -> None:
-        budget = DescriptorBudget(limit=64, reserve=16)
-        # Descriptor 40 in use, this client (1) and its upstream: 40 + 1 + 16 < 64.
+        in_use = [41]
+        budget = self.budget(64, in_use)
+        # 41 in use, this client's upstream (1) and the reserve: 41 + 1 + 16 <= 64.
         self.assertTrue(budget.admit(40))
-        # A second client at 46: 46 + 2 + 16 = 64, no room left for both upstreams.
+        # A second client: 47 in use + 2 upstreams + 16 > 64.
+        in_use[0] = 47
         self.assertFalse(budget.admit(46))
         self.assertEqual(budget.clients, 2)
         budget.release()
         budget.release()
         self.assertEqual(budget.clients, 0)
         self.assertTrue(budget.admit(46))
+
+    def test_a_low_number_below_many_open_descriptors_is_counted(self) -> None:
+        # Descriptor 12 was free (a hole), but 50 are open with 10 clients: 50 + 10 + 16 > 64.
+        budget = self.budget(64, [50])
+        budget.clients = 9
+        self.assertFalse(budget.admit(12))
+
+    def test_far_from_the_limit_nothing_is_counted(self) -> None:
+        def count() -> int:
+            raise AssertionError("counted far from the limit")
+
+        budget = DescriptorBudget(limit=4096, reserve=64, count_open=count)
+        self.assertTrue(all(budget.admit(20 + n) for n in range(100)))
+
+    def test_counts_this_process(self) -> None:
+        self.assertGreater(DescriptorBudget().count_open(), 2)
 
     def test_no_limit_or_no_socket_admits(self) -> None:
         self.assertTrue(DescriptorBudget(limit=-1).admit(10**6))
@@ -63,7 +84,9 @@ class BudgetTests(unittest.TestCase):
 
 class ChannelTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.budget = DescriptorBudget(limit=64, reserve=16)
+        # In use: the socket's number + 1 (no holes below it).
+        self.budget = DescriptorBudget(limit=64, reserve=16, count_open=lambda: self.last + 1)
+        self.last = -1
         self.patch(channel_module, "budget", self.budget)
         self.handler = Handler()
         self.site = make_site(self.handler, Clock())
@@ -71,6 +94,7 @@ class ChannelTests(unittest.TestCase):
     def connect(self, number: int) -> tuple[Any, SocketTransport]:
         proto = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1234))
         transport = SocketTransport(number)
+        self.last = max(self.last, number)
         proto.makeConnection(transport)
         return proto, transport
 
@@ -106,3 +130,73 @@ class ChannelTests(unittest.TestCase):
         fourth.dataReceived(GET)
         self.assertEqual(parse_responses(transport.value())[0][0], 200)
         self.assertEqual(len(self.handler.requests), 1)
+
+
+class FakePort:
+    """A listening port: whether it accepts, and its accept batch."""
+
+    def __init__(self, batch: int = 4) -> None:
+        self.reading = True
+        self.connected = True
+        self.numberAccepts = batch
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class HoldTests(unittest.TestCase):
+    """A listener stops accepting while clients would take the upstreams' descriptors."""
+
+    def setUp(self) -> None:
+        self.in_use = [60]
+        self.budget = DescriptorBudget(limit=64, reserve=16, count_open=lambda: self.in_use[0])
+        self.clock = Clock()
+        self.port = FakePort()
+
+    def test_held_until_clients_leave(self) -> None:
+        self.assertFalse(self.budget.admit(59))
+        self.budget.hold(self.port, self.clock.callLater)
+        self.assertFalse(self.port.reading)
+        self.in_use[0] = 20
+        self.budget.release()
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_held_until_descriptors_come_back_without_clients(self) -> None:
+        self.budget.hold(self.port, self.clock.callLater)
+        self.clock.advance(RETRY_SECONDS)
+        self.assertFalse(self.port.reading)  # still 60 in use
+        self.in_use[0] = 30
+        self.clock.advance(RETRY_SECONDS)
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_closed_port_is_not_resumed(self) -> None:
+        self.budget.hold(self.port, self.clock.callLater)
+        self.port.connected = False
+        self.in_use[0] = 10
+        self.clock.advance(RETRY_SECONDS)
+        self.assertFalse(self.port.reading)
+
+    def test_crowded_counts_the_next_accept_batch(self) -> None:
+        self.in_use[0] = 40
+        # 40 in use, a batch of 8 and the reserve: 40 + 8 + 16 > 64; a batch of 4 fits.
+        self.assertTrue(self.budget.crowded(39, 8))
+        self.assertFalse(self.budget.crowded(39, 4))
+
+    def test_the_channel_holds_its_listener_when_it_starves(self) -> None:
+        self.patch(channel_module, "budget", self.budget)
+        site = make_site(Handler(), self.clock)
+        proto = site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1234))
+        transport = SocketTransport(59)
+        transport.server = self.port
+        proto.makeConnection(transport)
+        self.assertFalse(self.port.reading)
+        proto.dataReceived(GET)
+        self.assertEqual(parse_responses(transport.value())[0][0], 503)
+        self.in_use[0] = 20
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.port.reading)

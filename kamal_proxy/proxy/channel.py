@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from kamal_proxy.proxy.descriptors import budget, socket_number
+from kamal_proxy.proxy.descriptors import budget, listening_port, socket_number
 from kamal_proxy.proxy.http1 import (
     MAX_HEAD_BYTES,
     REASONS,
@@ -572,7 +572,14 @@ class HTTP1Channel(Protocol):
         transport.registerProducer(self, True)
         self.site.connections.add(self)
         self._budgeted = True
-        self._starved = not budget.admit(socket_number(transport))
+        number = socket_number(transport)
+        port = listening_port(transport)
+        if not budget.admit(number):
+            self._starved = True
+            budget.hold(port, self.callLater)
+        elif budget.crowded(number, getattr(port, "numberAccepts", 0)):
+            # Served, but a next batch of clients would run out: they wait in the backlog.
+            budget.hold(port, self.callLater)
 
     def _release(self) -> None:
         if self._budgeted:
