@@ -13,6 +13,11 @@ process of DESIGN §1: it holds the ports without accepting on them, and worker 
 
 from __future__ import annotations
 
+# First of all: Twisted's TCP and AMP modules then load without pyOpenSSL (kamal_proxy.tls.lazy).
+import kamal_proxy.tls.lazy  # noqa: F401
+
+# isort: split
+
 import os
 import socket
 import sys
@@ -449,12 +454,11 @@ def _main_process(options: RunOptions, reactor, top: ProxyService) -> ProxyServi
 
 def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
     """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
-    from kamal_proxy.proxy.alt_svc import alt_svc_request
     from kamal_proxy.proxy.http3 import Http3Server
     from kamal_proxy.proxy.http3_bridge import Http3Bridge
     from kamal_proxy.proxy.http3_listener import Http3Listener
 
-    https_site.requestFactory = alt_svc_request(port)
+    https_site.advertise_http3(port)
     server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
     Http3Listener(
         reactor,

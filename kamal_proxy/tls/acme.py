@@ -24,20 +24,26 @@ from collections.abc import Callable, Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
-import josepy as jose
-import treq
-from acme import challenges, jws, messages
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from kamal_proxy.observe.events import error, info
+from kamal_proxy.tls.lazy import lazy_module
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError
+
+# The protocol's libraries load with the first issuance, not at start (kamal_proxy.tls.lazy).
+jose = lazy_module("josepy")
+treq = lazy_module("treq")
+challenges = lazy_module("acme.challenges")
+jws = lazy_module("acme.jws")
+messages = lazy_module("acme.messages")
+x509 = lazy_module("cryptography.x509")
+oid = lazy_module("cryptography.x509.oid")
+hashes = lazy_module("cryptography.hazmat.primitives.hashes")
+serialization = lazy_module("cryptography.hazmat.primitives.serialization")
+ec = lazy_module("cryptography.hazmat.primitives.asymmetric.ec")
 
 DAY = 86400.0
 RENEW_BEFORE = 30 * DAY
@@ -76,7 +82,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey, names: list[str]) -> bytes:
     """A DER CSR for ``names`` (first name as CN when it fits)."""
     subject = []
     if len(names[0]) <= 64:
-        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
+        subject.append(x509.NameAttribute(oid.NameOID.COMMON_NAME, names[0]))
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(subject))
