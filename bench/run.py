@@ -85,7 +85,8 @@ def bars(data: dict) -> str:
          "≤ 40", "max", lambda v: v <= 40),
         ("latency-light p50 µs", kamal_values(runs, "latency-light", "p50_us"),
          "≤ 350", "median", lambda v: v <= 350),
-        ("150,000 header lines: ms to 431", [flood["ms"]] if flood.get("status") == 431 else [],
+        ("150,000 header lines: ms to 431, median",
+         [flood["ms"]] if flood.get("status") == 431 else [],
          "< 5", "max", lambda v: v < 5),
         ("150,000 header lines: RSS growth MiB", [flood["rss_growth_mib"]] if flood else [],
          "≈ 0", "max", lambda v: v < 1),
@@ -104,14 +105,37 @@ def bars(data: dict) -> str:
 # -- what proxybench does not measure -----------------------------------------------------------
 
 
+HEADER_FLOOD_REQUESTS = 5
+
+
 def header_flood(port: int, pid: int) -> dict:
-    """One request of 150,000 short header lines (750 KB, under the 1 MiB limit): the status,
-    the milliseconds from the first byte sent to the answer, and the proxy's RSS growth."""
+    """Requests of 150,000 short header lines (750 KB, under the 1 MiB limit), one after
+    another on new connections: their statuses, the milliseconds from the first byte sent to
+    the answer (each, and their median: one sample on a shared machine is mostly noise), and
+    the proxy's RSS growth over all of them."""
     import benchlib
 
     head = b"GET / HTTP/1.1\r\nHost: " + benchlib.HOST.encode() + b"\r\n"
     data = head + b"a: b\r\n" * HEADER_FLOOD_LINES + b"\r\n"
     before = benchlib.pb._status_kb(pid, "VmRSS")
+    statuses, times = [], []
+    for _ in range(HEADER_FLOOD_REQUESTS):
+        status, ms = _one_flood(port, data)
+        statuses.append(status)
+        times.append(ms)
+    after = benchlib.pb._status_kb(pid, "VmRSS")
+    return {
+        "status": statuses[0] if len(set(statuses)) == 1 else 0,
+        "statuses": statuses,
+        "ms": round(statistics.median(times), 3),
+        "ms_each": times,
+        "rss_before_mib": round(before / 1024, 2),
+        "rss_after_mib": round(after / 1024, 2),
+        "rss_growth_mib": round(max(0, after - before) / 1024, 2),
+    }
+
+
+def _one_flood(port: int, data: bytes) -> tuple[int, float]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
 
         def send() -> None:
@@ -126,15 +150,8 @@ def header_flood(port: int, pid: int) -> dict:
         answer = sock.recv(4096)
         elapsed = time.perf_counter() - started
         sender.join(10)
-    after = benchlib.pb._status_kb(pid, "VmRSS")
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else 0
-    return {
-        "status": status,
-        "ms": round(elapsed * 1000, 3),
-        "rss_before_mib": round(before / 1024, 2),
-        "rss_after_mib": round(after / 1024, 2),
-        "rss_growth_mib": round(max(0, after - before) / 1024, 2),
-    }
+    return status, round(elapsed * 1000, 3)
 
 
 def kamal_extra(kamal_cmd: str) -> dict:
