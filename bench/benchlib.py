@@ -1,9 +1,9 @@
 """Shared pieces of the extra benchmarks (tls.py, buffering.py, metrics.py).
 
-They reuse the shared harness (``proxybench.py``) for what it already does well: the nginx
-origin, child processes stopped by PID, CPU time and peak RSS from ``/proc``, CPU pinning.
-This module finds and imports it, and adds what the harness lacks: starting a kamal-proxy with
-arbitrary ``deploy`` flags, and running wrk against any URL with any Lua script.
+They reuse the harness (``bench/proxybench.py``, carried in this repository) for what it does
+well: the nginx origin, child processes stopped by PID, CPU time and peak RSS from ``/proc``,
+CPU pinning.  This module imports it, and adds what the harness lacks: starting a kamal-proxy
+with arbitrary ``deploy`` flags, and running wrk against any URL with any Lua script.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ MIB = 1024 * 1024
 
 
 def harness_path() -> Path:
-    """``proxybench.py``: ``$PROXYBENCH``, else ``../shared/bench/`` beside the checkout."""
+    """``proxybench.py``: ``$PROXYBENCH`` when set (another copy), else the one in ``bench/``."""
     explicit = os.environ.get("PROXYBENCH")
-    candidates = [Path(explicit)] if explicit else []
-    candidates.append(ROOT.parent / "shared" / "bench" / "proxybench.py")
-    for path in candidates:
-        if path.exists():
-            return path
-    sys.exit("proxybench.py not found: set PROXYBENCH to its path")
+    path = Path(explicit) if explicit else BENCH / "proxybench.py"
+    if not path.exists():
+        sys.exit(f"proxybench.py not found at {path}")
+    return path
 
 
 def load_harness() -> ModuleType:
@@ -128,7 +126,9 @@ class Kamal:
         assert self.dir is not None
         return self.dir / "tmp"
 
-    def start(self, deploy_args: list[str], run_args: list[str] | None = None) -> None:
+    def start(
+        self, deploy_args: list[str], run_args: list[str] | None = None, wait: float = 30
+    ) -> None:
         self.starts += 1
         self.dir = self.ctx.run / f"{self.name}-{self.starts}"
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ class Kamal:
         argv += ["--https-port", str(self.https_port), *(run_args or [])]
         log_path = self.ctx.run / f"{self.name}-{self.starts}.log"
         self.proc = pb.Managed(self.name, argv, cpus=self.cpus, log_path=log_path, env=env)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + wait
         while not sock.exists():
             if not self.proc.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start:\n{self.proc.log_tail()}")
@@ -156,7 +156,12 @@ class Kamal:
         deploy = self.cmd + ["deploy", "bench", "--target", f"127.0.0.1:{self.ctx.origin_port}"]
         deploy += ["--host", HOST, *deploy_args]
         r = subprocess.run(
-            deploy, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+            deploy,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(120, 2 * wait),
+            stdin=subprocess.DEVNULL,
         )
         if r.returncode != 0:
             raise RuntimeError(f"{self.name} deploy failed: {r.stdout}{r.stderr}")

@@ -18,6 +18,11 @@ finds them there instead of binding.
 
 from __future__ import annotations
 
+# First of all: Twisted's TCP and AMP modules then load without pyOpenSSL (kamal_proxy.tls.lazy).
+import kamal_proxy.tls.lazy  # noqa: F401
+
+# isort: split
+
 import os
 import socket
 import sys
@@ -584,9 +589,13 @@ def load_deferred_modules() -> None:
     that may lose the right to read its Python installation (``twistd -u``)."""
     import codecs
 
+    import OpenSSL.SSL  # noqa: F401  # TLS loads with the first handshake (tls/lazy.py)
+    import twisted.internet.ssl  # noqa: F401
+    import twisted.protocols.tls  # noqa: F401
     import twisted.web.client  # noqa: F401
 
     import kamal_proxy.health.checker  # noqa: F401
+    import kamal_proxy.proxy.webrequest  # noqa: F401  # HTTP/2: twisted.web with h2
     import kamal_proxy.tls.certificates  # noqa: F401
     from kamal_proxy.tls.acme import load_libraries
 
@@ -735,11 +744,10 @@ def _main_process(options: RunOptions, reactor, top: ProxyService, preforked=Non
 def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
     """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
     from kamal_proxy.process.http3 import AdoptedHttp3Listener
-    from kamal_proxy.proxy.alt_svc import alt_svc_request
     from kamal_proxy.proxy.http3 import Http3Server
     from kamal_proxy.proxy.http3_bridge import Http3Bridge
 
-    https_site.requestFactory = alt_svc_request(port)
+    https_site.advertise_http3(port)
     server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
     sockets = top.sockets
 

@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from kamal_proxy.durations import MILLISECOND, SECOND
-from kamal_proxy.health.checker import HealthCheck, health_agent, health_check_url
+from kamal_proxy.health.checker import HealthCheck, health_check_url
 from kamal_proxy.observe import events
 from kamal_proxy.service_options import HealthCheckConfig
 
@@ -287,8 +287,7 @@ class RealCheckTests(unittest.TestCase):
         clock = task.Clock()
         config = HealthCheckConfig(path="/slow", interval=SECOND, timeout=50 * MILLISECOND)
         address = self.backend.address
-        agent = health_agent(reactor, f"http://{address}/slow")
-        check = HealthCheck(clock, address, config, lambda ok: None, agent=agent)
+        check = HealthCheck(clock, address, config, lambda ok: None, connector=reactor)
         self.addCleanup(check.close)
         result = defer.ensureDeferred(check.check())
         for _ in range(1000):

@@ -133,7 +133,11 @@ class HealthCheckReasonTests(Base):
 
     def test_reason_comes_with_the_result(self) -> None:
         agent = FakeAgent()
-        self.patch(checker, "health_agent", lambda reactor, url: agent)
+        self.patch(
+            checker,
+            "http_get",
+            lambda reactor, url, host: defer.ensureDeferred(checker.agent_get(agent, url, host)),
+        )
         reports: list[tuple[bool, str | None]] = []
         check = app.health_check(
             self.clock,

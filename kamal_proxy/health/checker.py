@@ -2,6 +2,11 @@
 
 A check that is still running when the next tick comes is not doubled up: the tick is dropped,
 which is what a fixed-rate Go ticker with a blocking receiver does.
+
+The GET goes through the proxy's own HTTP/1.1 client (``kamal_proxy.proxy.upstream``, one
+connection per check): ``twisted.web.client`` would load pyOpenSSL, cryptography and h2 into
+every proxy that checks a target (13 MiB), for a plain-HTTP request.  An ``agent`` (Twisted's
+``IAgent``) can still be given instead, as tests do.
 """
 
 from __future__ import annotations
@@ -11,18 +16,16 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
 from kamal_proxy.observe.events import info
+from kamal_proxy.proxy.upstream import UpstreamPool
 from kamal_proxy.service_options import HealthCheckConfig
 
 USER_AGENT = b"kamal-proxy"
@@ -96,38 +99,65 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def health_agent(reactor, url: str):
-    """A non-persistent Agent, or a ProxyAgent when the environment names an HTTP proxy;
-    quiet, so that twistd's log gets no "Starting factory" line per check."""
+class _Status:
+    """The response sink of a check: the status and ``Location``; the body is dropped."""
+
+    __slots__ = ("status", "location")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.location: str | None = None
+
+    def informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def response_started(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: Any
+    ) -> None:
+        self.status = status
+        for name, value in headers:
+            if len(name) == 8 and name.lower() == b"location":
+                self.location = value.decode("latin-1")
+                break
+
+    def response_data(self, data: bytes) -> None:
+        pass
+
+    def upgraded(self, tunnel: Any) -> None:
+        tunnel.close()
+
+
+def http_get(reactor, url: str, host: bytes | None) -> defer.Deferred[tuple[int, str | None]]:
+    """GET ``url`` on a new connection (through the environment's HTTP proxy, if any, as Go's
+    default client does): ``(status, Location)``; cancelling it closes the connection."""
+    parts = urlsplit(url)
     proxy = proxy_for(url)
-    pool = HTTPConnectionPool(reactor, persistent=False)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if proxy is None:
-        return Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor), pool=pool)
-    endpoint = _QuietEndpoint(HostnameEndpoint(reactor, proxy[0], proxy[1]))
-    return ProxyAgent(endpoint, reactor, pool=pool)
+        address, target = (parts.hostname or "", parts.port or 80), path
+    else:
+        address, target = proxy, f"http://{parts.netloc}{path}"
+    pool = UpstreamPool(reactor, address[0], address[1], max_idle=0)
+    headers = [(b"Host", host or parts.netloc.encode("utf-8")), (b"User-Agent", USER_AGENT)]
+    sink = _Status()
 
+    def cancel(_: defer.Deferred) -> None:
+        exchange.cancel()
 
-@implementer(IStreamClientEndpoint)
-class _QuietEndpoint:
-    """Connects with the given factory made quiet (``noisy = False``)."""
+    result: defer.Deferred[tuple[int, str | None]] = defer.Deferred(cancel)
 
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self._endpoint = endpoint
+    def done(failure: BaseException | None) -> None:
+        if result.called:
+            return
+        if failure is None:
+            result.callback((sink.status, sink.location))
+        else:
+            result.errback(failure)
 
-    def connect(self, factory):
-        factory.noisy = False
-        return self._endpoint.connect(factory)
-
-
-@implementer(IAgentEndpointFactory)
-class _QuietEndpoints:
-    """The endpoints Agent would use for ``http://`` URLs, made quiet."""
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-
-    def endpointForURI(self, uri):  # noqa: N802 - Twisted's interface
-        return _QuietEndpoint(HostnameEndpoint(self._reactor, uri.host, uri.port))
+    exchange = pool.forward(
+        b"GET", target.encode("utf-8"), headers, None, sink, timeout=None, on_done=done
+    )
+    return result
 
 
 class HealthCheck:
@@ -142,15 +172,18 @@ class HealthCheck:
         address: str,
         config: HealthCheckConfig,
         report: Callable[[bool], None],
-        agent: Agent | None = None,
+        agent: Any = None,
+        connector: Any = None,
     ) -> None:
         self._reactor = reactor
+        #: What connects to the target (``reactor`` unless given: tests time on a fake clock).
+        self._connector = reactor if connector is None else connector
         self.url = health_check_url(address, config)
         self._host = config.host.encode("utf-8") if config.host else None
         self._interval = config.interval / 1e9
         self._timeout = config.timeout / 1e9
         self._report = report
-        self._agent = agent or health_agent(reactor, self.url)
+        self._agent = agent
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._running: defer.Deferred | None = None
@@ -238,18 +271,27 @@ class HealthCheck:
         raise HealthCheckFailed("stopped after 10 redirects")
 
     async def _get(self, url: str) -> tuple[int, str | None]:
-        headers = Headers({b"User-Agent": [USER_AGENT]})
-        if self._host is not None:
-            headers.setRawHeaders(b"Host", [self._host])
-        response = await self._agent.request(b"GET", url.encode("utf-8"), headers)
-        try:
-            await readBody(response)
-        except defer.CancelledError:
-            raise  # the check timed out or was closed: do not go on to a redirect
-        except Exception:  # noqa: BLE001 - a truncated body still tells us the status
-            pass
-        location = response.headers.getRawHeaders(b"location", [None])[0]
-        return response.code, location.decode("latin-1") if location else None
+        if self._agent is None:
+            return await http_get(self._connector, url, self._host)
+        return await agent_get(self._agent, url, self._host)
+
+
+async def agent_get(agent: Any, url: str, host: bytes | None) -> tuple[int, str | None]:
+    """``http_get`` through a Twisted ``IAgent``: ``(status, Location)``."""
+    from twisted.web.client import readBody
+
+    headers = Headers({b"User-Agent": [USER_AGENT]})
+    if host is not None:
+        headers.setRawHeaders(b"Host", [host])
+    response = await agent.request(b"GET", url.encode("utf-8"), headers)
+    try:
+        await readBody(response)
+    except defer.CancelledError:
+        raise  # the check timed out or was closed: do not go on to a redirect
+    except Exception:  # noqa: BLE001 - a truncated body still tells us the status
+        pass
+    location = response.headers.getRawHeaders(b"location", [None])[0]
+    return response.code, location.decode("latin-1") if location else None
 
 
 def _error_text(e: Exception) -> str:

@@ -40,7 +40,9 @@ __all__ = [
     "format_time",
     "header_log_key",
     "info",
+    "format_request_line",
     "log_request",
+    "log_request_line",
     "relay",
     "set_debug",
     "start_logging",
@@ -168,6 +170,38 @@ def _go_safe(line: str) -> str:
     return line
 
 
+# The §17.2 line with its built-in keys, filled by ``format_request_line``: Go slog's layout,
+# built with one %-format instead of a dict and a generic JSON encoder per request.
+_REQUEST_LINE = (
+    '{"time":"%s","level":"INFO","msg":"Request","host":%s,"port":%d,"path":%s,'
+    '"request_id":%s,"status":%d,"service":%s,"target":%s,"duration":%d,"method":%s,'
+    '"req_content_length":%d,"req_content_type":%s,"resp_content_length":%d,'
+    '"resp_content_type":%s,"client_addr":%s,"client_port":%s,"remote_addr":%s,'
+    '"user_agent":%s,"proto":%s,"scheme":%s,"query":%s'
+)
+
+
+def format_request_line(
+    now_ns: int, values: tuple[Any, ...], extra: Iterable[tuple[str, Any]] | None = None
+) -> str:
+    """The request log line (with its newline) for ``values``: the ``REQUEST_KEYS`` values
+    in order, ``str`` or ``int`` as SPEC §17.2 types them; then ``extra`` (key, value) pairs.
+    The same bytes as ``JsonLog.request`` writes, Go's escaping rules included."""
+    (host, port, path, request_id, status, service, target, duration, method, req_len,
+     req_type, resp_len, resp_type, client_addr, client_port, remote_addr, user_agent,
+     proto, scheme, query) = values  # fmt: skip
+    enc = _encode_str
+    text = _REQUEST_LINE % (
+        format_time(now_ns), enc(host), port, enc(path), enc(request_id), status, enc(service),
+        enc(target), duration, enc(method), req_len, enc(req_type), resp_len, enc(resp_type),
+        enc(client_addr), enc(client_port), enc(remote_addr), enc(user_agent), enc(proto),
+        enc(scheme), enc(query),
+    )  # fmt: skip
+    if extra:
+        text += "".join("," + enc(key) + ":" + _json_value(value) for key, value in extra)
+    return _go_safe(text + "}\n")
+
+
 # --------------------------------------------------------------------------------------------
 # The writer
 
@@ -243,6 +277,17 @@ class JsonLog:
             )
             text = text[:-1] + tail + "}"
         self._queue(_go_safe(text + "\n"))
+
+    def request_line(
+        self,
+        now_ns: int,
+        values: tuple[Any, ...],
+        extra: Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        """The §17.2 line from ``format_request_line``'s arguments (the proxy's hot path)."""
+        if self.min_rank > 1:
+            return
+        self._queue(format_request_line(now_ns, values, extra))
 
     def request_in_order(self, fields: dict[str, Any]) -> None:
         """``request`` for callers that build ``fields`` with every key of ``REQUEST_KEYS``
@@ -519,6 +564,16 @@ def warn(msg: str, **attrs: Any) -> None:
 
 def error(msg: str, **attrs: Any) -> None:
     emit(ERROR, msg, **attrs)
+
+
+def log_request_line(
+    now_ns: int, values: tuple[Any, ...], extra: Iterable[tuple[str, Any]] | None = None
+) -> None:
+    """Write the request log line (see ``format_request_line``); a no-op before logging
+    starts.  ``now_ns`` (wall clock) is the line's time."""
+    log = _active
+    if log is not None:
+        log.request_line(now_ns, values, extra)
 
 
 def log_request_in_order(fields: dict[str, Any]) -> None:

@@ -287,18 +287,22 @@ class MetricsResource(resource.Resource):
         if self.gather is None:
             return self._answer(request, self.metrics)
         d = self.gather()
+        # The scraper may hang up while the workers answer; notifyFinish is how twisted.web
+        # says so (it fails when the connection is lost before the response is finished).
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def answer(snapshots: list[dict[str, Any]]) -> None:
             # This process's own process_* come from the total's collector (it is this one).
             mine = self.metrics.snapshot(process=False)
             body = self._answer(request, Metrics.total([mine, *snapshots]))
-            if not request._disconnected:
+            if not gone:
                 request.write(body)
                 request.finish()
 
         def failed(failure: Any) -> None:
             error("Unable to collect metrics", error=str(failure.value))
-            if not request._disconnected:
+            if not gone:
                 request.setResponseCode(500)
                 request.finish()
 

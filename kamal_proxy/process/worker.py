@@ -15,6 +15,11 @@ process goes away.
 
 from __future__ import annotations
 
+# First of all: Twisted's TCP and AMP modules then load without pyOpenSSL (kamal_proxy.tls.lazy).
+import kamal_proxy.tls.lazy  # noqa: F401
+
+# isort: split
+
 import ctypes
 import json
 import os
@@ -79,12 +84,11 @@ class Worker:
     def _http3(self, config: dict[str, Any]) -> Any:
         """HTTP/3 as ``app._add_http3`` builds it, on this worker's inherited UDP socket."""
         from kamal_proxy.process.http3 import AdoptedHttp3Listener
-        from kamal_proxy.proxy.alt_svc import alt_svc_request
         from kamal_proxy.proxy.http3 import Http3Server
         from kamal_proxy.proxy.http3_bridge import Http3Bridge
 
         port = config["https_port"]
-        self.plane.https_site.requestFactory = alt_svc_request(port)
+        self.plane.https_site.advertise_http3(port)
         server = Http3Server(
             self.reactor, self.tls.selector(), Http3Bridge(self.plane.https_resource, port)
         )

@@ -476,7 +476,7 @@ def write_error(
 
     Does nothing (returns False) when the response has already started or the client left.
     """
-    if request.startedWriting or request.finished or getattr(request, "_disconnected", False):
+    if request.startedWriting or request.finished or getattr(request, "gone", False):
         return False
     body = render_page(status, message, custom)
     request.setResponseCode(status)

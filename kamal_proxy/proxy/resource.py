@@ -1,10 +1,26 @@
-"""The routing resource: every request's pipeline, in the order of SPEC §5.
+"""The request pipeline: every request's stages, in the order of SPEC §5.
 
-Like Twisted's ``ReverseProxyResource`` it forwards the request and relays the answer, but it
-chooses the upstream per request from the Router, reuses pooled keep-alive connections, and
-streams bodies both ways with producer/consumer flow control.  The stages are plain method calls
-in one visible place (``render`` then ``_proxy``); a stage that fails a request picks an error
-page instead of writing.
+``RoutingResource`` is one listener's pipeline; ``ProxyExchange`` is one request on its way
+through it.  The stages are plain method calls in one visible place (``run``, then
+``_select_target`` and ``_proxy``); a stage that fails a request picks an error page instead of
+writing.  The exchange is also the upstream response's sink and the target's view of an
+in-flight request (for draining).
+
+A request arrives as an :class:`~.channel.HTTP1Request` (``handle``, the HTTP/1 data plane)
+or as a twisted.web request (``render``: HTTP/2, HTTP/3, the on-demand TLS probe), which
+:class:`~.webrequest.WebRequest` presents through the same interface:
+
+* read: ``method``, ``uri``, ``path``, ``version``, ``headers`` (canonical name -> values),
+  ``host``, ``secure``, ``body`` (an ``IBodyProducer``, None without a body),
+  ``client_address()``;
+* write: ``respond(status, headers, body)`` (a whole response), or ``start_response``,
+  ``write`` and ``finish``; ``abort()``; ``informational``; ``switch_protocols`` (upgrades);
+  ``register_producer``/``unregister_producer`` (flow control of the response body);
+* the request calls ``exchange.client_gone()`` when its client leaves early.
+
+Headers are edited as bytes; the upstream request head is built once, as bytes.  Two clock
+reads per request: one at the start (``X-Request-Start``, the duration's start, the target
+timeout) and one at the end (the log line's time and the duration).
 """
 
 from __future__ import annotations
@@ -15,20 +31,23 @@ from urllib.parse import quote, unquote
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web import resource, server
-from twisted.web.http import datetimeToString
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from kamal_proxy.observe.events import debug, info, warn
 from kamal_proxy.observe.events import error as log_error
-from kamal_proxy.observe.log import log_request_in_order
+from kamal_proxy.observe.log import log_request_line
 from kamal_proxy.proxy import pages
 from kamal_proxy.proxy.buffer import BufferingSink, TooLarge, buffer_request_body
-from kamal_proxy.proxy.channel import ClientGone, MalformedBody
+from kamal_proxy.proxy.channel import ClientGone, http_date
 from kamal_proxy.proxy.cookies import scope_set_cookie
+from kamal_proxy.proxy.http1 import MalformedBody, canonical_name, connection_tokens
 from kamal_proxy.proxy.request_id import new_request_id
-from kamal_proxy.proxy.upstream import UpstreamAborted, UpstreamError, UpstreamTimeout
+from kamal_proxy.proxy.upstream import (
+    UpstreamAborted,
+    UpstreamError,
+    UpstreamTimeout,
+    request_framing,
+)
 from kamal_proxy.routing.pause import PauseState, Released
 from kamal_proxy.routing.rollout import (
     ROLLOUT_COOKIE,
@@ -38,27 +57,59 @@ from kamal_proxy.routing.rollout import (
 )
 from kamal_proxy.routing.table import host_without_port
 
-HOP_BY_HOP = frozenset(
+__all__ = ["ConnectionTracker", "ProbeResource", "ProxyExchange", "RoutingResource"]
+
+# Request headers never copied upstream as received (SPEC §9.2): hop-by-hop, forwarding
+# (re-added below), our own target header, and the framing the upstream client writes.
+DROPPED = frozenset(
     {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
+        b"Connection",
+        b"Proxy-Connection",
+        b"Keep-Alive",
+        b"Proxy-Authenticate",
+        b"Proxy-Authorization",
+        b"Te",
+        b"Trailer",
+        b"Transfer-Encoding",
+        b"Upgrade",
+        b"Forwarded",
+        b"X-Forwarded-For",
+        b"X-Forwarded-Host",
+        b"X-Forwarded-Proto",
+        b"X-Kamal-Target",
+        b"Host",
+        b"Content-Length",
     }
 )
-FORWARDING = frozenset(
-    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
-)
-DROPPED = HOP_BY_HOP | FORWARDING | {b"x-kamal-target", b"host", b"content-length"}
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 SMALL_BODY = 64 * 1024
-_canonical = _nameEncoder.encode
+HTML = b"text/html; charset=utf-8"
+NOT_DONE_YET = 1  # twisted.web.server.NOT_DONE_YET, without importing twisted.web.server
+
+# Response header name as received -> (canonical name, what the relay does with it).
+_RELAY = 0
+_SKIP = 1  # not a valid name, or Content-Length (the writer frames the body)
+_DATE = 2
+_CONTENT_TYPE = 3
+_SET_COOKIE = 4
+_AFFINITY = 5
+_SPECIAL = {
+    b"Content-Length": _SKIP,
+    b"Date": _DATE,
+    b"Content-Type": _CONTENT_TYPE,
+    b"Set-Cookie": _SET_COOKIE,
+    b"X-Writer-Affinity": _AFFINITY,
+}
+_RESPONSE_NAMES: dict[bytes, tuple[bytes, int]] = {}
+
+
+def _response_name(name: bytes) -> tuple[bytes, int]:
+    canon = canonical_name(name)
+    entry = (name, _SKIP) if canon is None else (canon, _SPECIAL.get(canon, _RELAY))
+    if len(_RESPONSE_NAMES) < 4096:
+        _RESPONSE_NAMES[name] = entry
+    return entry
 
 
 class ConnectionTracker:
@@ -68,11 +119,11 @@ class ConnectionTracker:
         self.active: set[Any] = set()
         self._waiters: list[defer.Deferred] = []
 
-    def add(self, request: Any) -> None:
-        self.active.add(request)
+    def add(self, exchange: Any) -> None:
+        self.active.add(exchange)
 
-    def remove(self, request: Any) -> None:
-        self.active.discard(request)
+    def remove(self, exchange: Any) -> None:
+        self.active.discard(exchange)
         if not self.active and self._waiters:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
@@ -86,25 +137,29 @@ class ConnectionTracker:
         return d
 
     def abort_all(self) -> None:
-        for request in list(self.active):
-            transport = getattr(request.channel, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
+        for exchange in list(self.active):
+            exchange.request.abort()
 
 
-def _is_websocket(headers) -> bool:
-    upgrade = headers.getRawHeaders(b"upgrade")
+def _is_websocket(headers: dict[bytes, list[bytes]]) -> bool:
+    upgrade = headers.get(b"Upgrade")
     if not upgrade or upgrade[0].lower() != b"websocket":
         return False
-    connection = headers.getRawHeaders(b"connection")
+    connection = headers.get(b"Connection")
     return bool(connection) and any(b"upgrade" in c.lower() for c in connection)
 
 
-class RoutingResource(resource.Resource):
-    isLeaf = True
+class RoutingResource:
+    """One listener's pipeline (``port``, ``secure``), shared by its connections.
 
-    def __init__(self, reactor, router, *, port: int, secure: bool, metrics=None) -> None:
-        super().__init__()
+    ``internal`` pipelines (the on-demand TLS probe, :class:`ProbeResource`) never redirect
+    and write no request log line.
+    """
+
+    isLeaf = True  # a twisted.web Site (HTTP/2) renders it for every path
+    internal = False
+
+    def __init__(self, reactor: Any, router: Any, *, port: int, secure: bool, metrics=None):
         self.reactor = reactor
         self.router = router
         self.port = port
@@ -114,13 +169,33 @@ class RoutingResource(resource.Resource):
         self.tracker = ConnectionTracker()
         self.metrics = metrics
 
-    def getChild(self, path, request):  # pragma: no cover - isLeaf
-        return self
-
-    def render(self, request: server.Request):
+    def handle(self, request: Any) -> ProxyExchange:
+        """Take one request through the pipeline (the HTTP/1 channel calls this)."""
         exchange = ProxyExchange(self, request)
         exchange.run()
-        return server.NOT_DONE_YET
+        return exchange
+
+    def render(self, web_request: Any) -> int:
+        """A twisted.web request (HTTP/2, HTTP/3, probes): the same pipeline."""
+        from kamal_proxy.proxy.webrequest import WebRequest
+
+        self.handle(WebRequest(web_request))
+        return NOT_DONE_YET
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> RoutingResource:
+        return self  # pragma: no cover - isLeaf
+
+
+class ProbeResource(RoutingResource):
+    """The pipeline of internal requests (SPEC §16.4): no redirects, no request log."""
+
+    internal = True
+
+    def render(self, web_request: Any) -> int:
+        from kamal_proxy.proxy.webrequest import WebRequest
+
+        web_request.probe_exchange = self.handle(WebRequest(web_request))
+        return NOT_DONE_YET
 
 
 class ProxyExchange:
@@ -143,7 +218,6 @@ class ProxyExchange:
         "response_bytes",
         "request_id",
         "remote_addr",
-        "log_extra",
         "affinity_ms",
         "pending",
         "req_buffer",
@@ -151,67 +225,72 @@ class ProxyExchange:
         "gauge",
         "excluded",
         "cookie_prefix",
+        "resp_content_type",
+        "resp_headers",
+        "resp_length",
+        "head_101",
     )
 
-    def __init__(self, res: RoutingResource, request: server.Request) -> None:
+    def __init__(self, res: RoutingResource, request: Any) -> None:
         self.res = res
         self.request = request
-        self.started = time.monotonic_ns()
+        self.started = 0
         self.status = 200
-        self.service = None
-        self.target = None
-        self.upstream = None
+        self.service: Any = None
+        self.target: Any = None
+        self.upstream: Any = None
         self.is_upgraded = False
-        self.tunnel = None
+        self.tunnel: Any = None
         self.finished = False
         self.response_bytes = 0
-        self.log_extra: dict[str, str] | None = None
         self.affinity_ms = 0
         self.pending: defer.Deferred | None = None
-        self.req_buffer = None
+        self.req_buffer: Any = None
         self.resp_buffer: BufferingSink | None = None
-        self.gauge = None
+        self.gauge: Any = None
         self.excluded = False
         self.cookie_prefix: str | None = None
+        self.resp_content_type = b""
+        self.resp_headers: list[tuple[bytes, bytes]] | None = None
+        self.resp_length: int | None = None
+        self.head_101: list[tuple[bytes, bytes]] = []
 
     # -- P2..P16: the pipeline ----------------------------------------------
 
     def run(self) -> None:
         request = self.request
-        headers = request.requestHeaders
+        headers = request.headers
         res = self.res
-        res.tracker.add(request)
-        request.notifyFinish().addErrback(self._client_gone)
+        request.exchange = self
+        res.tracker.add(self)
+        now = self.started = time.time_ns()
 
         # P2 request start, P3 request id
-        start = headers.getRawHeaders(b"x-request-start")
+        start = headers.get(b"X-Request-Start")
         if not start or not start[0]:
-            headers.setRawHeaders(b"x-request-start", [b"t=%d" % (time.time_ns() // 1_000_000)])
-        rid = headers.getRawHeaders(b"x-request-id")
+            headers[b"X-Request-Start"] = [b"t=%d" % (now // 1_000_000)]
+        rid = headers.get(b"X-Request-Id")
         if not rid or not rid[0]:
-            rid = [new_request_id()]
-            headers.setRawHeaders(b"x-request-id", rid)
+            rid = headers[b"X-Request-Id"] = [new_request_id()]
         self.request_id = rid[0]
 
-        host_values = headers.getRawHeaders(b"host")
-        self.host = host_values[0].decode("utf-8", "surrogateescape") if host_values else ""
-        self.path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
-        xff = headers.getRawHeaders(b"x-forwarded-for")
-        self.remote_addr = xff[0].decode("latin-1") if xff else None
+        self.host = host = request.host.decode("utf-8", "surrogateescape")
+        self.path = path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
+        xff = headers.get(b"X-Forwarded-For")
+        self.remote_addr = xff[0] if xff else None
 
         # P6 routing
-        match = res.router.lookup(self.host, self.path)
+        match = res.router.lookup(host, path)
         if match is None:
             self.fail(404)
             return
-        service = match.service
-        self.service = service
+        service = self.service = match.service
         prefix = match.prefix if service.options.strip_prefix and match.prefix != "/" else None
 
         # P7 service entry: metrics scope
         metrics = res.metrics
         if metrics is not None:
-            routed = (self.path[len(prefix) :] or "/") if prefix else self.path
+            routed = (path[len(prefix) :] or "/") if prefix else path
             if routed in service.exclude_metrics_paths:
                 self.excluded = True
             else:
@@ -220,15 +299,15 @@ class ProxyExchange:
 
         # P8 client IP header
         if service.client_ip_header:
-            value = headers.getRawHeaders(service.client_ip_header)
+            value = headers.get(canonical_name(service.client_ip_header) or b"")
             if value and value[0]:
-                headers.setRawHeaders(b"x-forwarded-for", [value[0]])
-                self.remote_addr = value[0].decode("latin-1")
+                headers[b"X-Forwarded-For"] = [value[0]]
+                self.remote_addr = value[0]
 
         # P9 ACME HTTP-01 challenges, answered before any redirect or pause
         certificates = service.certificates
-        if certificates is not None and self.path.startswith(ACME_CHALLENGE_PREFIX):
-            answer = certificates.http01_response(self.host, self.path)
+        if certificates is not None and path.startswith(ACME_CHALLENGE_PREFIX):
+            answer = certificates.http01_response(host, path)
             if answer is not None:
                 self.service = None  # logged with service "" (SPEC §17.2)
                 self._answer(*answer)
@@ -239,13 +318,13 @@ class ProxyExchange:
         if res.secure and not options.tls_enabled:
             self.fail(503)
             return
-        if self._redirect(options):
+        if not res.internal and self._redirect(options):
             return
 
         # P14 pause/stop
         pause = service.pause
         if pause.state:
-            routed = self.path[len(prefix) :] or "/" if prefix else self.path
+            routed = (path[len(prefix) :] or "/") if prefix else path
             if request.method in READ_METHODS and routed == service.health_check_path:
                 self._answer(200)
             elif pause.state == PauseState.STOPPED:
@@ -270,24 +349,22 @@ class ProxyExchange:
 
     def _answer(self, status: int, content_type: bytes | None = None, body: bytes = b"") -> None:
         """A response of the proxy's own (challenge answers, health pass-through)."""
-        request = self.request
-        request.setResponseCode(status)
+        headers = []
         if content_type is not None:
-            request.responseHeaders.setRawHeaders(b"content-type", [content_type])
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            headers.append((b"Content-Type", content_type))
+            self.resp_content_type = content_type
         self.status = status
-        if body:
-            request.write(body)
-            self.response_bytes = len(body)
-        self._finish()
+        self.response_bytes = self.resp_length = len(body)
+        self.request.respond(status, headers, body)
+        self._end()
 
     def _select_target(self, prefix: str | None) -> None:
         # P15/P16 target selection
         request = self.request
-        headers = request.requestHeaders
+        headers = request.headers
         service = self.service
         lb = service.active
-        cookies = headers.getRawHeaders(b"cookie")
+        cookies = headers.get(b"Cookie")
         if service.rollout_split is not None and service.rollout is not None:
             if in_rollout_group(request_cookie(cookies, ROLLOUT_COOKIE), service.rollout_split):
                 debug("Using rollout for request", service=service.name, path=self.path)
@@ -312,7 +389,7 @@ class ProxyExchange:
             self.cookie_prefix = prefix
         self._proxy(prefix)
 
-    def _redirect(self, options) -> bool:
+    def _redirect(self, options: Any) -> bool:
         res = self.res
         host = host_without_port(self.host)
         want_https = options.tls_enabled and options.tls_redirect and not res.secure
@@ -321,27 +398,25 @@ class ProxyExchange:
         if not want_https and want_host == host:
             return False
         scheme = "https" if (want_https or res.secure) else "http"
-        uri = self.request.uri
+        request = self.request
+        uri = request.uri
         if uri.startswith(b"http://") or uri.startswith(b"https://"):
             uri = b"/" + uri.split(b"/", 3)[3] if uri.count(b"/") >= 3 else b"/"
         location = f"{scheme}://{want_host}{uri.decode('latin-1')}"
-        request = self.request
-        request.setResponseCode(301)
-        request.responseHeaders.setRawHeaders(b"location", [location.encode("utf-8")])
-        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        headers = [(b"Location", location.encode("utf-8"))]
         body = b""
         if request.method in READ_METHODS:
-            request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+            headers.append((b"Content-Type", HTML))
+            self.resp_content_type = HTML
             if request.method == b"GET":
                 body = b'<a href="%s">Moved Permanently</a>.\n\n' % _escape_url(location).encode(
                     "utf-8"
                 )
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        headers.append((b"Connection", b"close"))
         self.status = 301
-        if body:
-            request.write(body)
-            self.response_bytes = len(body)
-        self._finish()
+        self.response_bytes = self.resp_length = len(body)
+        request.respond(301, headers, body, close=True)
+        self._end()
         return True
 
     # -- P18..P22: forwarding -----------------------------------------------
@@ -352,7 +427,7 @@ class ProxyExchange:
         service = self.service
         res = self.res
         topts = service.target_options
-        headers_in = request.requestHeaders
+        headers_in = request.headers
 
         # Path: raw unless a prefix was stripped (then re-encoded from the decoded form).
         if stripped_prefix is None:
@@ -369,61 +444,51 @@ class ProxyExchange:
         if q >= 0:
             path = path + uri[q:]
 
-        connection_tokens: set[bytes] = set()
-        for value in headers_in.getRawHeaders(b"connection", ()):
-            for token in value.split(b","):
-                connection_tokens.add(token.strip().lower())
-
-        out: list[tuple[bytes, bytes]] = []
-        host_values = headers_in.getRawHeaders(b"host")
-        out.append(
-            (b"Host", host_values[0] if host_values and host_values[0] else target.address.encode())
-        )
-        for name, values in headers_in.getAllRawHeaders():
-            lname = name.lower()
-            if lname in DROPPED or lname in connection_tokens:
+        method = request.method
+        host = request.host
+        parts = [method, b" ", path, b" HTTP/1.1\r\nHost: ", host or target.address.encode()]
+        parts.append(b"\r\n")
+        connection = headers_in.get(b"Connection")
+        tokens = connection_tokens(connection) if connection else None
+        for name, values in headers_in.items():
+            if name in DROPPED or (tokens and name.lower() in tokens):
                 continue
-            for v in values:
-                out.append((name, v))
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
 
-        te = headers_in.getRawHeaders(b"te")
+        te = headers_in.get(b"Te")
         if te and any(b"trailers" in v.lower() for v in te):
-            out.append((b"Te", b"trailers"))
-        upgrade = headers_in.getRawHeaders(b"upgrade") if b"upgrade" in connection_tokens else None
-        if upgrade:
-            out.append((b"Connection", b"Upgrade"))
-            out.append((b"Upgrade", upgrade[0]))
+            parts.append(b"Te: trailers\r\n")
+        upgrade = None
+        if tokens and b"upgrade" in tokens:
+            upgrades = headers_in.get(b"Upgrade")
+            if upgrades:
+                upgrade = upgrades[0]
+                parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
 
         # Forwarding headers (SPEC §9.2)
-        client_ip = _client_ip(request)
+        client_ip = request.client_address()[0]
         forward = topts.forward_headers
-        xff_in = headers_in.getRawHeaders(b"x-forwarded-for")
-        if client_ip is not None:
+        if client_ip:
+            xff_in = headers_in.get(b"X-Forwarded-For")
+            parts.append(b"X-Forwarded-For: ")
             if forward and xff_in:
-                out.append((b"X-Forwarded-For", b", ".join(xff_in) + b", " + client_ip))
-            else:
-                out.append((b"X-Forwarded-For", client_ip))
-        xfh = headers_in.getRawHeaders(b"x-forwarded-host") if forward else None
-        if xfh and xfh[0]:
-            out.append((b"X-Forwarded-Host", xfh[0]))
-        else:
-            out.append((b"X-Forwarded-Host", host_values[0] if host_values else b""))
-        xfp = headers_in.getRawHeaders(b"x-forwarded-proto") if forward else None
-        out.append((b"X-Forwarded-Proto", xfp[0] if xfp and xfp[0] else res.proto_value))
-        kamal_target = target.address.encode("utf-8")
-        existing = headers_in.getRawHeaders(b"x-kamal-target") if forward else None
+                parts += (b", ".join(xff_in), b", ")
+            parts += (client_ip.encode("ascii"), b"\r\n")
+        xfh = headers_in.get(b"X-Forwarded-Host") if forward else None
+        parts += (b"X-Forwarded-Host: ", xfh[0] if xfh and xfh[0] else host, b"\r\n")
+        xfp = headers_in.get(b"X-Forwarded-Proto") if forward else None
+        parts += (b"X-Forwarded-Proto: ", xfp[0] if xfp and xfp[0] else res.proto_value, b"\r\n")
+        existing = headers_in.get(b"X-Kamal-Target") if forward else None
+        parts.append(b"X-Kamal-Target: ")
         if existing:
-            kamal_target = b", ".join(existing) + b", " + kamal_target
-        out.append((b"X-Kamal-Target", kamal_target))
+            parts += (b", ".join(existing), b", ")
+        parts += (target.address.encode("utf-8"), b"\r\n")
 
-        body = getattr(request, "body_producer", None)
-        if body is not None and body.length == 0:
-            body = None
-
+        body = request.body
         target.start_request(self)
         if topts.buffer_requests and body is not None:
             # P20: the whole body first, counted as in flight on the target (SPEC §10.2).
-            chunked = body.length is UNKNOWN_LENGTH
             pending = buffer_request_body(
                 body, topts.max_memory_buffer_size, topts.max_request_body_size
             )
@@ -431,18 +496,18 @@ class ProxyExchange:
             pending.addCallbacks(
                 self._request_buffered,
                 self._request_buffer_failed,
-                callbackArgs=(path, out, chunked),
+                callbackArgs=(parts, upgrade, body.length is UNKNOWN_LENGTH),
             )
             return
-        self._forward(path, out, body)
+        self._forward(parts, upgrade, body)
 
-    def _request_buffered(self, buffer, path, headers, chunked) -> None:
+    def _request_buffered(self, buffer: Any, parts: list[bytes], upgrade: Any, chunked: bool):
         self.pending = None
         self.req_buffer = buffer
         if self.finished:
             buffer.close()
             return
-        self._forward(path, headers, buffer.as_producer(unknown_length=chunked))
+        self._forward(parts, upgrade, buffer.as_producer(unknown_length=chunked))
 
     def _request_buffer_failed(self, failure: Failure) -> None:
         self.pending = None
@@ -455,15 +520,15 @@ class ProxyExchange:
             info("Malformed chunked request", path=self.path, error=str(exc))
             self.fail(400)
         elif isinstance(exc, ClientGone):
-            self._client_gone(failure)
+            self.client_gone()
         else:
             log_error("Error buffering request", path=self.path, error=str(exc))
             self.fail(500)
 
-    def _forward(self, path: bytes, headers: list[tuple[bytes, bytes]], body) -> None:
+    def _forward(self, parts: list[bytes], upgrade: bytes | None, body: Any) -> None:
         """P21/P22: send upstream, relaying through a response buffer when asked to."""
         topts = self.service.target_options
-        sink = self
+        sink: Any = self
         if topts.buffer_responses:
             sink = BufferingSink(
                 self,
@@ -473,13 +538,27 @@ class ProxyExchange:
                 reactor=self.res.reactor,
             )
             self.resp_buffer = sink
+        method = self.request.method
+        framing, chunked = request_framing(method, body)
+        if framing is None:
+            body = None
+        else:
+            parts.append(framing)
+        parts.append(b"\r\n")
         target = self.target
-        self.upstream = target.pool.forward(
-            self.request.method, path, headers, body, sink, timeout=target.response_timeout
+        self.upstream = target.pool.forward_head(
+            method,
+            b"".join(parts),
+            body,
+            chunked,
+            sink,
+            timeout=target.response_timeout,
+            upgrade=upgrade,
+            now=self.started / 1e9,
+            on_done=self._upstream_finished,
         )
         if self.resp_buffer is not None:
             self.resp_buffer.exchange = self.upstream
-        self.upstream.done.addCallbacks(self._upstream_done, self._upstream_failed)
 
     def _response_too_large(self) -> None:
         info("Response exceeded max response limit", path=self.path)
@@ -493,61 +572,77 @@ class ProxyExchange:
         # 100 Continue is between us and each side (the channel sends the client its own
         # when the body is first read), as in Go; other 1xx (103 Early Hints) are relayed.
         if status != 100 and not self.finished:
-            h = Headers()
-            for k, v in headers:
-                h.addRawHeader(k, v)
-            self.request.write_informational(status, h)
+            self.request.informational(status, self._relayed_headers(headers)[0])
+
+    def _relayed_headers(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], bool, bytes | None]:
+        """Upstream headers as the client gets them: canonical names, cookies scoped, no
+        bare CR; with whether a ``Date`` came and the ``X-Writer-Affinity`` value."""
+        out: list[tuple[bytes, bytes]] = []
+        names = _RESPONSE_NAMES
+        scope = self.cookie_prefix
+        has_date = False
+        opt_out = None
+        for name, value in headers:
+            entry = names.get(name)
+            if entry is None:
+                entry = _response_name(name)
+            canon, code = entry
+            if code:
+                if code == _SKIP:
+                    continue
+                if code == _DATE:
+                    has_date = True
+                elif code == _CONTENT_TYPE:
+                    if not self.resp_content_type:
+                        self.resp_content_type = value
+                elif code == _SET_COOKIE:
+                    if scope is not None:
+                        value = scope_set_cookie(value, scope, host_without_port(self.host))
+                elif self.affinity_ms:  # _AFFINITY: consumed by the writer-affinity stage
+                    if opt_out is None:
+                        opt_out = value
+                    continue
+            if 13 in value:
+                value = value.replace(b"\r", b" ")
+            out.append((canon, value))
+        return out, has_date, opt_out
 
     def response_started(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None
     ) -> None:
-        request = self.request
         if self.finished:
             return
         self.status = status
-        request.setResponseCode(status, reason or None)
-        rh = request.responseHeaders
-        # Straight into the Headers' dict: names canonicalised (cached) as Twisted does;
-        # the parser split the lines, so only a bare CR could still hide in a value.
-        raw = rh._rawHeaders
-        scope = self.cookie_prefix
-        for k, v in headers:
-            try:
-                name = _canonical(k)
-            except InvalidHeaderName:
-                continue
-            if 13 in v:
-                v = v.replace(b"\r", b" ")
-            if scope is not None and name == b"Set-Cookie":
-                v = scope_set_cookie(v, scope, host_without_port(self.host))
-            values = raw.get(name)
-            if values is None:
-                raw[name] = [v]
-            else:
-                values.append(v)
-        if self.affinity_ms:
-            self._writer_affinity(rh)
         if status == 101:
+            self.head_101 = headers
             return
+        out, has_date, opt_out = self._relayed_headers(headers)
+        if self.affinity_ms and opt_out != b"false":
+            out.append(self._writer_affinity_cookie())
+        if not has_date:
+            out.append((b"Date", http_date()))
+        if self.service is not None and self.service.log_response_headers:
+            self.resp_headers = out
+            self.resp_length = length
+        request = self.request
+        request.start_response(status, reason or None, out, length)
         # Flow control for bodies that could outgrow the socket buffers; a small body with a
         # known length is written at once and needs none (most responses: a cheaper path).
         producer = self.resp_buffer or self.upstream
         if producer is not None and (
             length is None or length > SMALL_BODY or self.resp_buffer is not None
         ):
-            request.registerProducer(producer, True)
+            request.register_producer(producer)
 
-    def _writer_affinity(self, rh) -> None:
+    def _writer_affinity_cookie(self) -> tuple[bytes, bytes]:
         """SPEC §8.3: after a write, reads stick to the writer for a while."""
-        opt_out = rh.getRawHeaders(b"x-writer-affinity")
-        rh.removeHeader(b"x-writer-affinity")
-        if opt_out and opt_out[0] == b"false":
-            return
         expires_ms = time.time_ns() // 1_000_000 + self.affinity_ms
-        rh.addRawHeader(
-            b"set-cookie",
+        return (
+            b"Set-Cookie",
             b"kamal-writer=%d; Path=/; Expires=%s; HttpOnly"
-            % (expires_ms, datetimeToString(expires_ms // 1000 + 1)),
+            % (expires_ms, http_date(expires_ms // 1000 + 1)),
         )
 
     def response_data(self, data: bytes) -> None:
@@ -556,32 +651,39 @@ class ProxyExchange:
         self.response_bytes += len(data)
         self.request.write(data)
 
-    def upgraded(self, tunnel) -> None:
-        request = self.request
+    def splice_destination(self) -> Any:
+        """The client's transport, when the rest of the body may go kernel to kernel
+        (``proxy/splice.py``): relayed as is, nothing buffered.  Its reading is paused."""
+        if self.finished or self.resp_buffer is not None:
+            return None
+        offer = getattr(self.request, "splice_destination", None)
+        return offer() if offer is not None else None
+
+    def splice_done(self, moved: int) -> None:
+        self.response_bytes += moved
+
+    def upgraded(self, tunnel: Any) -> None:
         self.is_upgraded = True
         self.tunnel = tunnel
         # A graceful stop does not wait for tunnels (SPEC §4.2): they end with the process.
-        self.res.tracker.remove(request)
+        self.res.tracker.remove(self)
         self.status = 101
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        lines += [
-            b"%s: %s\r\n" % (k, v)
-            for k, vs in request.responseHeaders.getAllRawHeaders()
-            for v in vs
-        ]
-        lines.append(b"\r\n")
-        transport = request.channel.transport
-        transport.writeSequence(lines)
-        protocol = tunnel.attach(transport)
-        request.take_over_transport(protocol)
+        if not self.request.switch_protocols(self.head_101, tunnel):
+            tunnel.close()
         tunnel.done.addBoth(self._tunnel_closed)
 
     def _tunnel_closed(self, _result: object) -> None:
-        self._end(log=True)
+        self._end()
 
     # -- endings ----------------------------------------------------------------
 
-    def _upstream_done(self, _result: object) -> None:
+    def _upstream_finished(self, error: BaseException | None) -> None:
+        if error is None:
+            self._upstream_done()
+        else:
+            self._upstream_failed(error)
+
+    def _upstream_done(self) -> None:
         if self.is_upgraded or self.finished:
             return
         if self.resp_buffer is not None and not self.resp_buffer.bypassed:
@@ -593,9 +695,9 @@ class ProxyExchange:
         if self.finished:
             return
         request = self.request
-        if request.producer is not None:
-            request.unregisterProducer()
-        self._finish()
+        request.unregister_producer()
+        request.finish()
+        self._end()
 
     def _relay_failed(self, failure: Failure) -> None:
         if self.finished or isinstance(failure.value, (TooLarge, defer.CancelledError)):
@@ -603,13 +705,10 @@ class ProxyExchange:
         log_error("Error sending response", path=self.path, error=str(failure.value))
         self.fail(500)
 
-    def _upstream_failed(self, failure: Failure) -> None:
+    def _upstream_failed(self, exc: BaseException) -> None:
         if self.finished:
             return
-        request = self.request
-        if request.producer is not None:
-            request.unregisterProducer()
-        exc = failure.value
+        self.request.unregister_producer()
         if isinstance(exc, defer.CancelledError):
             return  # the canceller already answered (drain) or the client left
         if isinstance(exc, UpstreamAborted) or (self.upstream and self.upstream.response_started):
@@ -622,7 +721,7 @@ class ProxyExchange:
             info("Malformed request", target=self.target.address, path=self.path, error=str(exc))
             self.fail(400)
         elif isinstance(exc, ClientGone):
-            self._client_gone(failure)
+            self.client_gone()
         else:
             log_error(
                 "Error while proxying",
@@ -651,7 +750,8 @@ class ProxyExchange:
         else:
             self.fail(504)
 
-    def _client_gone(self, failure: Failure | None) -> None:
+    def client_gone(self) -> None:
+        """The client left before the response was complete: 499 (SPEC §9.7)."""
         if self.finished:
             return
         self.status = 499
@@ -659,48 +759,37 @@ class ProxyExchange:
             self.pending.cancel()
         if self.upstream is not None:
             self.upstream.cancel()
-        self._end(log=True)
+        self._end()
 
     def _abort_client(self) -> None:
-        transport = getattr(self.request.channel, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
-        self._end(log=True)
+        self.request.abort()
+        self._end()
 
     def fail(self, status: int, message: str | None = None) -> None:
         """Answer with an error page, unless the response has already started."""
         if self.finished:
             return
         request = self.request
-        if request.startedWriting:
+        if request.started:
             self._abort_client()
             return
         self.status = status
         custom = self.service.error_pages if self.service is not None and status != 404 else None
         body = pages.render_page(status, message, custom)
-        request.setResponseCode(status)
-        rh = request.responseHeaders
-        for name in list(dict(rh.getAllRawHeaders())):
-            rh.removeHeader(name)
-        rh.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
-        rh.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
-        self.response_bytes = len(body)
-        self._finish()
+        self.resp_content_type = HTML
+        self.resp_headers = None
+        self.response_bytes = self.resp_length = len(body)
+        request.respond(status, [(b"Content-Type", HTML)], body)
+        self._end()
 
-    def _finish(self) -> None:
-        if self.finished:
-            return
-        request = self.request
-        if not request._disconnected:
-            request.finish()
-        self._end(log=True)
-
-    def _end(self, log: bool) -> None:
+    def _end(self) -> None:
         if self.finished:
             return
         self.finished = True
-        self.res.tracker.remove(self.request)
+        self.res.tracker.remove(self)
+        # The request holds its exchange and the exchange the request: break the cycle, so
+        # refcounting frees both at once (the cyclic GC would cost ~10 µs per request).
+        self.request.exchange = None
         if self.pending is not None:
             self.pending.cancel()
         if self.req_buffer is not None:
@@ -711,61 +800,80 @@ class ProxyExchange:
             self.target.end_request(self)
         if self.gauge is not None:
             self.gauge.dec()
-        if log:
+        if not self.res.internal:
             self._log()
 
     def _log(self) -> None:
+        now = time.time_ns()
         request = self.request
-        h = request.requestHeaders
-        client_addr, client_port = _peer(request)
-        body = getattr(request, "body_producer", None)
+        h = request.headers
+        service = self.service
+        target = self.target
+        client_addr, client_port = request.client_address()
+        body = request.body
         req_len = 0 if body is None else body.length
         if req_len is UNKNOWN_LENGTH:
             req_len = -1
         uri = request.uri
         q = uri.find(b"?")
-        service = self.service
-        target = self.target
-        fields: dict[str, Any] = {
-            "host": self.host,
-            "port": self.res.port,
-            "path": self.path,
-            "request_id": self.request_id.decode("latin-1"),
-            "status": self.status,
-            "service": service.name if service is not None else "",
-            "target": target.address if target is not None else "",
-            "duration": time.monotonic_ns() - self.started,
-            "method": request.method.decode("latin-1"),
-            "req_content_length": req_len,
-            "req_content_type": _first(h, b"content-type"),
-            "resp_content_length": self.response_bytes,
-            "resp_content_type": _first(request.responseHeaders, b"content-type"),
-            "client_addr": client_addr,
-            "client_port": client_port,
-            "remote_addr": self.remote_addr or client_addr,
-            "user_agent": _first(h, b"user-agent"),
-            "proto": request.clientproto.decode("latin-1"),
-            "scheme": self.res.scheme,
-            "query": uri[q + 1 :].decode("latin-1") if q >= 0 else "",
-        }
+        service_name = service.name if service is not None else ""
+        duration = now - self.started
+        extra: list[tuple[str, str]] | None = None
         if target is not None and service is not None:
-            # Configured names are str; bytes lookups keep the values bytes (Twisted returns
-            # str values for str names).
-            for name in service.log_request_headers:
-                fields["req_" + name.lower().replace("-", "_")] = ",".join(
-                    v.decode("latin-1") for v in h.getRawHeaders(name.encode("latin-1"), ())
-                )
-            for name in service.log_response_headers:
-                fields["resp_" + name.lower().replace("-", "_")] = ",".join(
-                    v.decode("latin-1")
-                    for v in request.responseHeaders.getRawHeaders(name.encode("latin-1"), ())
-                )
-        log_request_in_order(fields)
+            if service.log_request_headers or service.log_response_headers:
+                extra = self._logged_headers(service)
+        remote = self.remote_addr
+        ctype = h.get(b"Content-Type")
+        agent = h.get(b"User-Agent")
+        log_request_line(
+            now,
+            (
+                self.host,
+                self.res.port,
+                self.path,
+                self.request_id.decode("latin-1"),
+                self.status,
+                service_name,
+                target.address if target is not None else "",
+                duration if duration > 0 else 0,
+                request.method.decode("latin-1"),
+                req_len,
+                ctype[0].decode("latin-1") if ctype else "",
+                self.response_bytes,
+                self.resp_content_type.decode("latin-1"),
+                client_addr,
+                client_port,
+                remote.decode("latin-1") if remote is not None else client_addr,
+                agent[0].decode("latin-1") if agent else "",
+                request.version.decode("latin-1"),
+                self.res.scheme,
+                uri[q + 1 :].decode("latin-1") if q >= 0 else "",
+            ),
+            extra,
+        )
         metrics = self.res.metrics
         if metrics is not None and not self.excluded:
-            metrics.observe(
-                fields["service"], request.method, self.status, fields["duration"] / 1e9
-            )
+            metrics.observe(service_name, request.method, self.status, duration / 1e9)
+
+    def _logged_headers(self, service: Any) -> list[tuple[str, str]]:
+        """The ``req_*``/``resp_*`` keys of ``--log-request-header``/``--log-response-header``."""
+        h = self.request.headers
+        extra = []
+        for name in service.log_request_headers:
+            values = h.get(canonical_name(name.encode("latin-1")) or b"", ())
+            value = ",".join(v.decode("latin-1") for v in values)
+            extra.append(("req_" + name.lower().replace("-", "_"), value))
+        sent = self.resp_headers or ()
+        for name in service.log_response_headers:
+            canon = canonical_name(name.encode("latin-1"))
+            if canon == b"Content-Type" and not sent and self.resp_content_type:
+                value = self.resp_content_type.decode("latin-1")
+            elif canon == b"Content-Length":
+                value = "" if self.resp_length is None else str(self.resp_length)
+            else:
+                value = ",".join(v.decode("latin-1") for n, v in sent if n == canon)
+            extra.append(("resp_" + name.lower().replace("-", "_"), value))
+        return extra
 
 
 _URL_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;"})
@@ -784,23 +892,3 @@ def _valid_writer_cookie(value: bytes | None) -> bool:
     except ValueError:
         return False
     return -(1 << 63) <= expires < (1 << 63) and time.time_ns() // 1_000_000 < expires
-
-
-def _first(headers, name: bytes) -> str:
-    values = headers.getRawHeaders(name)
-    return values[0].decode("latin-1") if values else ""
-
-
-def _peer(request) -> tuple[str, str]:
-    """The client's IP and port; IPv4 peers of the dual-stack listener lose their ``::ffff:``."""
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", None) or ""
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    port = getattr(peer, "port", None)
-    return host, "" if port is None else str(port)
-
-
-def _client_ip(request) -> bytes | None:
-    host = _peer(request)[0]
-    return host.encode("ascii") if host else None

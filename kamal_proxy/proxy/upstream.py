@@ -1,21 +1,26 @@
 """Pooled, keep-alive HTTP/1.1 client that forwards one request to one target.
 
-This is the proxy's hot path, so it is a small hand-written protocol rather than
-``twisted.web.client.Agent``: one ``Protocol`` per upstream TCP connection, a response
-parser that handles the status line and headers in one pass once ``\\r\\n\\r\\n`` has
-arrived, direct method calls into the caller's sink instead of Deferred chains, and
-producer/consumer flow control in both directions (SPEC §9.1, §9.4, §9.5; DESIGN §4).
+This is the proxy's hot path, so it is a small protocol rather than
+``twisted.web.client.Agent``: one ``Protocol`` per upstream TCP connection, the response head
+parsed by the shared codec (:mod:`.http1`) once its blank line has arrived, direct method calls
+into the caller's sink instead of Deferred chains, and producer/consumer flow control in both
+directions (SPEC §9.1, §9.4, §9.5; DESIGN §4).
 
 Connections are kept per target in a LIFO idle stack and reused only after a complete
 response with keep-alive semantics. Go's transport detects idle connections the upstream
 closed and retries a request once on a fresh connection when a *reused* connection dies
 before any response byte; both are emulated here so one-shot upstreams (a response, then
 FIN) never cause a 502 (SPEC §21.3).
+
+The target timeout (headers must arrive within it once the request is written) costs no timer
+per request: each pool keeps its waiting exchanges in arrival order with their deadlines and
+arms one timer for the earliest.  An exchange reports its end through ``on_done`` (a direct
+call); the ``done`` Deferred exists only for callers that ask for it.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -28,7 +33,18 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from kamal_proxy.proxy.sockets import write_now
+from kamal_proxy.proxy.http1 import (
+    MAX_RESPONSE_HEAD_BYTES,
+    BadResponse,
+    ChunkedDecoder,
+    MalformedBody,
+    find_head_end,
+    parse_response,
+    parse_response_head,
+)
+from kamal_proxy.proxy.sockets import idle, send_now
+from kamal_proxy.proxy.splice import AVAILABLE as SPLICE_AVAILABLE
+from kamal_proxy.proxy.splice import MIN_SPLICE, Splice, SpliceError
 
 __all__ = [
     "Exchange",
@@ -38,6 +54,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamPool",
     "UpstreamTimeout",
+    "request_framing",
 ]
 
 
@@ -67,28 +84,9 @@ class ResponseSink(TypingProtocol):
     def upgraded(self, tunnel: Tunnel) -> None: ...
 
 
-# Response headers that are consumed here and never relayed (SPEC §9.2/§9.4); `Trailer` is kept.
-_CONTENT_LENGTH = 1
-_TRANSFER_ENCODING = 2
-_CONNECTION = 3
-_HOP = 4
-_RESPONSE_SPECIAL = {
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-    b"proxy-connection": _HOP,
-    b"keep-alive": _HOP,
-    b"proxy-authenticate": _HOP,
-    b"proxy-authorization": _HOP,
-    b"te": _HOP,
-    b"upgrade": _HOP,
-}
-# Connection tokens that never name a relayed header (and Content-Length must survive).
-_NOT_HEADER_TOKENS = frozenset((b"keep-alive", b"close", b"content-length", b""))
-_NO_TOKENS: frozenset[bytes] = frozenset()
 # Framing of the upstream request is ours alone: a stray copy from the caller would smuggle.
 _REQUEST_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
-# Request header name as given -> whether it is framing (cached like _NAME_CODES below).
+# Request header name as given -> whether it is framing (bounded cache).
 _FRAMING_NAMES: dict[bytes, bool] = {}
 
 
@@ -102,10 +100,22 @@ def _is_framing(name: bytes) -> bool:
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 # Go sends `Content-Length: 0` for these methods when there is no body.
 _ZERO_LENGTH_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
-_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
-_BLANK_LINE = re.compile(rb"\n\r?\n")
-_MAX_HEAD = 1 << 20
-_MAX_LINE = 4096
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_ZERO_LENGTH = b"Content-Length: 0\r\n"
+
+
+def request_framing(method: bytes, body: IBodyProducer | None) -> tuple[bytes | None, bool]:
+    """The framing header line of an upstream request and whether the body goes chunked.
+
+    ``(None, False)``: no body is sent (none, or an empty one) and no framing line either;
+    ``Content-Length: 0`` for POST/PUT/PATCH without a body, as Go does.
+    """
+    if body is None or body.length == 0:
+        return (_ZERO_LENGTH if method in _ZERO_LENGTH_METHODS else None), False
+    if body.length is UNKNOWN_LENGTH:
+        return _CHUNKED, True
+    return b"Content-Length: %d\r\n" % body.length, False
+
 
 # Connection states.
 _IDLE = 0
@@ -115,84 +125,7 @@ _BODY_CHUNKED = 3
 _BODY_CLOSE = 4
 _TUNNEL = 5
 _DEAD = 6
-# Chunked decoder states.
-_C_SIZE = 0
-_C_DATA = 1
-_C_CRLF = 2
-_C_TRAILER = 3
-
-
-class _BadResponse(Exception):
-    pass
-
-
-_Head = tuple[bool, int, bytes, list[tuple[bytes, bytes]]]
-
-
-def _parse_status(line: bytes) -> tuple[bool, int, bytes]:
-    version = line[:9]
-    if version == b"HTTP/1.1 ":
-        v11 = True
-    elif version == b"HTTP/1.0 ":
-        v11 = False
-    else:
-        raise _BadResponse(f"malformed HTTP response {line[:64]!r}")
-    code = line[9:12]
-    if not code.isdigit() or code[0] == 48 or line[12:13] not in (b" ", b""):
-        raise _BadResponse(f"malformed HTTP status code {line[9:25]!r}")
-    return v11, int(code), line[13:]
-
-
-def _parse_head(head: bytes) -> _Head | None:
-    """Parse a CRLF status line and header block (without the final empty line).
-
-    Returns (is_http_1_1, status, reason, headers), or None when the block also has bare
-    LF line ends (then the caller takes the tolerant path, as Go accepts those).
-    """
-    lines = head.split(b"\r\n")
-    if len(lines) != head.count(b"\n") + 1:
-        return None
-    v11, status, reason = _parse_status(lines[0])
-    del lines[0]
-    headers: list[tuple[bytes, bytes]] = []
-    append = headers.append
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        # `32 in name` (an int) is several times faster than `b" " in name`.
-        if not sep or 32 in name or 9 in name or not name:
-            return v11, status, reason, _parse_header_lines(lines)
-        append((name, value.strip(b" \t")))
-    return v11, status, reason, headers
-
-
-def _parse_head_tolerant(head: bytes) -> _Head:
-    """The same for a block with LF or mixed line ends."""
-    lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
-    v11, status, reason = _parse_status(lines[0])
-    return v11, status, reason, _parse_header_lines(lines[1:])
-
-
-def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """The careful path: obsolete line folding, and the errors Go reports."""
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines:
-        if not line:
-            continue
-        if line[0] in (32, 9):
-            if not headers:
-                raise _BadResponse(f"malformed MIME header initial line {line[:64]!r}")
-            name, value = headers[-1]
-            headers[-1] = (name, value + b" " + line.strip(b" \t\r"))
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or 32 in name or 9 in name:
-            raise _BadResponse(f"malformed MIME header line {line[:64]!r}")
-        headers.append((name, value.strip(b" \t\r")))
-    return headers
-
-
-def _tokens(values: list[bytes]) -> set[bytes]:
-    return {t.strip().lower() for v in values for t in v.split(b",")}
+_SPLICE = 7  # the body goes kernel to kernel (proxy/splice.py)
 
 
 class _Connection(Protocol):
@@ -204,8 +137,9 @@ class _Connection(Protocol):
         self.sink: Any = None
         self.state = _DEAD
         self.buf = b""
+        self.scan = 0
         self.remaining = 0
-        self.cstate = _C_SIZE
+        self.decoder: ChunkedDecoder | None = None
         self.keepalive = False
         self.no_body = False  # the current request is HEAD
         self.seen = False  # any response byte arrived for the current exchange
@@ -213,6 +147,7 @@ class _Connection(Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.tunnel: Tunnel | None = None
+        self.splice: Splice | None = None
         self.on_made: Any = None
 
     def connectionMade(self) -> None:
@@ -265,30 +200,28 @@ class _Connection(Protocol):
         ex = self.exchange
         assert ex is not None
         while True:
-            end = buf.find(b"\r\n\r\n")
             try:
-                head = _parse_head(buf[:end]) if end >= 0 else None
-                if head is not None:
-                    end += 4
-                else:
-                    blank = _BLANK_LINE.search(buf)
-                    if blank is None:
-                        self.buf = buf
-                        if not b"HTTP/".startswith(buf[:5]):
-                            raise _BadResponse(f"malformed HTTP response {buf[:64]!r}")
-                        if len(buf) > _MAX_HEAD:
-                            raise _BadResponse("server response headers exceeded 1048576 bytes")
-                        return
-                    head = _parse_head_tolerant(buf[: blank.start()])
-                    end = blank.end()
-            except _BadResponse as e:
+                found = find_head_end(buf, self.scan)
+                if found is None:
+                    self.buf = buf
+                    self.scan = len(buf) - 2 if len(buf) > 2 else 0
+                    if not b"HTTP/".startswith(buf[:5]):
+                        raise BadResponse(f"malformed HTTP response {buf[:64]!r}")
+                    if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+                        raise BadResponse("server response headers exceeded 1048576 bytes")
+                    return
+                end, after = found
+                head = buf[:end]
+                v11, status, reason, headers, cl_values, te_values, tokens = parse_response(head)
+            except BadResponse as e:
                 self.buf = b""
+                self.scan = 0
                 ex._protocol_error(self, str(e))
                 return
-            v11, status, reason, raw = head
-            buf = buf[end:]
+            self.scan = 0
+            buf = buf[after:]
             if status < 200 and status != 101:
-                ex._informational(status, _filter_headers(raw)[0])
+                ex._informational(status, headers)
                 if self.exchange is not ex:
                     return
                 if not buf:
@@ -297,10 +230,9 @@ class _Connection(Protocol):
                 continue
             break
         self.buf = b""
-        if status == 101:
-            ex._switching(self, reason, raw, buf)
+        if status == 101:  # relayed with its hop-by-hop headers (Connection, Upgrade)
+            ex._switching(self, reason, parse_response_head(head)[3], buf)
             return
-        headers, cl_values, te_values, tokens = _filter_headers(raw)
         self.keepalive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens)
         length: int | None = None
         if cl_values:
@@ -326,7 +258,7 @@ class _Connection(Protocol):
             return
         if chunked:
             self.state = _BODY_CHUNKED
-            self.cstate = _C_SIZE
+            self.decoder = ChunkedDecoder(strict=False)
             if buf:
                 self._chunked_received(buf)
         elif length is not None:
@@ -334,82 +266,77 @@ class _Connection(Protocol):
             self.remaining = length
             if length == 0:
                 ex._response_complete(self, self.keepalive and not buf)
-            elif buf:
+                return
+            if buf:
                 self.dataReceived(buf)
+            if self.state == _BODY_LENGTH and self.remaining >= MIN_SPLICE and SPLICE_AVAILABLE:
+                self._try_splice(ex)
         else:
             self.state = _BODY_CLOSE
             self.keepalive = False
             if buf:
                 self.sink.response_data(buf)
 
-    def _chunked_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        self.buf = b""
-        pos = 0
-        n = len(buf)
-        sink = self.sink
-        while pos < n:
-            cs = self.cstate
-            if cs == _C_DATA:
-                rem = self.remaining
-                avail = n - pos
-                if avail <= rem:
-                    piece = buf[pos:] if pos else buf
-                    pos = n
-                    rem -= avail
-                else:
-                    piece = buf[pos : pos + rem]
-                    pos += rem
-                    rem = 0
-                self.remaining = rem
-                if rem == 0:
-                    self.cstate = _C_CRLF
-                sink.response_data(piece)
-                if self.exchange is None:
-                    return
-            elif cs == _C_CRLF:
-                if n - pos < 2:
-                    self.buf = buf[pos:]
-                    if self.buf != b"\r":
-                        self._chunk_error("malformed chunked encoding")
-                    return
-                if buf[pos : pos + 2] != b"\r\n":
-                    self._chunk_error("malformed chunked encoding")
-                    return
-                pos += 2
-                self.cstate = _C_SIZE
-            else:
-                i = buf.find(b"\n", pos)
-                if i < 0:
-                    if n - pos > _MAX_LINE:
-                        self._chunk_error("chunked line too long")
-                    else:
-                        self.buf = buf[pos:]
-                    return
-                line = buf[pos:i]
-                pos = i + 1
-                if cs == _C_SIZE:
-                    size = line.split(b";", 1)[0].strip(b" \t\r")
-                    if _HEX.fullmatch(size) is None:
-                        self._chunk_error(f"invalid chunk length {size[:32]!r}")
-                        return
-                    size_n = int(size, 16)
-                    if size_n:
-                        self.remaining = size_n
-                        self.cstate = _C_DATA
-                    else:
-                        self.cstate = _C_TRAILER
-                elif line == b"" or line == b"\r":
-                    # End of the chunked body; trailers (if any) were dropped like Go does.
-                    ex = self.exchange
-                    if ex is not None:
-                        ex._response_complete(self, self.keepalive and pos == n)
-                    return
+    def _try_splice(self, ex: Exchange) -> None:
+        """Move the rest of a plain body kernel to kernel when the sink can take it so (its
+        ``splice_destination()`` gives the client's TCP transport, paused)."""
+        offer = getattr(self.sink, "splice_destination", None)
+        t = self.transport
+        if offer is None or self.exchange is not ex or not idle(t):
+            return
+        destination = offer()
+        if destination is None:
+            return
+        t.pauseProducing()
+        self.state = _SPLICE
+        self.splice = Splice(self.pool._reactor, t, destination, self.remaining, self._spliced)
+        self.splice.start()
 
-    def _chunk_error(self, message: str) -> None:
+    def _spliced(self, error: BaseException | None) -> None:
+        splice, self.splice = self.splice, None
+        sink = self.sink
+        if sink is not None and splice is not None:
+            sink.splice_done(splice.moved)
         ex = self.exchange
-        if ex is not None:
-            ex._protocol_error(self, message)
+        if ex is None:
+            return
+        if error is None:
+            self.state = _BODY_LENGTH
+            self.remaining = 0
+            self.transport.resumeProducing()
+            ex._response_complete(self, self.keepalive)
+        elif isinstance(error, SpliceError) and error.side == "destination":
+            ex._fail(UpstreamAborted(f"client: {error}"))
+        else:
+            ex._protocol_error(self, str(error))
+
+    def _chunked_received(self, data: bytes) -> None:
+        ex = self.exchange
+        decoder = self.decoder
+        if ex is None or decoder is None:
+            return
+        out: list[bytes] = []
+        try:
+            rest = decoder.feed(data, out)
+        except MalformedBody as e:
+            self._deliver(ex, out)
+            if self.exchange is ex:
+                ex._protocol_error(self, str(e))
+            return
+        if not self._deliver(ex, out):
+            return
+        if rest is not None:
+            # End of the chunked body; trailers (if any) were dropped like Go does.
+            self.decoder = None
+            ex._response_complete(self, self.keepalive and not rest)
+
+    def _deliver(self, ex: Exchange, pieces: list[bytes]) -> bool:
+        sink = self.sink
+        for piece in pieces:
+            sink.response_data(piece)
+            if self.exchange is not ex:
+                return False
+        return True
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         self.lost = True
@@ -423,54 +350,6 @@ class _Connection(Protocol):
             ex._connection_lost(self, st, reason)
         elif st == _TUNNEL:
             self.tunnel._upstream_lost()  # type: ignore[union-attr]
-
-
-# Header name as received -> its code (0: relay). Upstreams repeat the same few names, so
-# this saves a lower() per header; bounded so a hostile upstream cannot grow it for ever.
-_NAME_CODES: dict[bytes, int] = {}
-
-
-def _name_code(name: bytes) -> int:
-    code = _RESPONSE_SPECIAL.get(name.lower(), 0)
-    if len(_NAME_CODES) < 2048:
-        _NAME_CODES[name] = code
-    return code
-
-
-def _filter_headers(
-    raw: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], list[bytes], list[bytes], frozenset[bytes] | set[bytes]]:
-    """Split framing/hop-by-hop headers off.
-
-    Returns (relayed headers, Content-Length values, Transfer-Encoding values, the
-    lower-cased Connection tokens).
-    """
-    headers: list[tuple[bytes, bytes]] = []
-    cl: list[bytes] = []
-    te: list[bytes] = []
-    conn: list[bytes] = []
-    codes = _NAME_CODES
-    for h in raw:
-        code = codes.get(h[0])
-        if code is None:
-            code = _name_code(h[0])
-        if not code:
-            headers.append(h)
-        elif code == _CONTENT_LENGTH:
-            if not cl:
-                headers.append(h)
-            cl.append(h[1])
-        elif code == _TRANSFER_ENCODING:
-            te.append(h[1])
-        elif code == _CONNECTION:
-            conn.append(h[1])
-    if not conn:
-        return headers, cl, te, _NO_TOKENS
-    tokens = _tokens(conn)
-    named = tokens - _NOT_HEADER_TOKENS
-    if named and any(h[0].lower() in named for h in headers):
-        headers = [h for h in headers if h[0].lower() not in named]
-    return headers, cl, te, tokens
 
 
 class _BodyFlow:
@@ -498,28 +377,32 @@ class _BodyFlow:
         pass
 
 
+_PENDING = object()
+
+
 @implementer(IPushProducer, IConsumer)
 class Exchange:
     """One request in flight to a target.
 
-    It is the push producer of the client-side response (register it with the twisted.web
-    ``Request``) and the consumer the request body producer writes into.
+    It is the push producer of the client-side response (register it with the client
+    request) and the consumer the request body producer writes into.  Its end is reported
+    to ``on_done(None)`` or ``on_done(exception)``, and through the ``done`` Deferred for
+    callers that ask for one.
     """
 
     __slots__ = (
-        "done",
         "response_started",
         "_pool",
         "_method",
         "_head",
-        "_headers",
+        "_upgrade",
         "_body",
         "_chunked",
         "_sink",
         "_timeout",
+        "_now",
         "_conn",
         "_dialer",
-        "_timer",
         "_paused",
         "_finished",
         "_retried",
@@ -528,6 +411,9 @@ class Exchange:
         "_body_written",
         "_pending",
         "_tunnel",
+        "_on_done",
+        "_done",
+        "_result",
     )
 
     def __init__(
@@ -535,25 +421,26 @@ class Exchange:
         pool: UpstreamPool,
         method: bytes,
         head: bytes,
-        headers: list[tuple[bytes, bytes]],
+        upgrade: bytes | None,
         body: IBodyProducer | None,
         chunked: bool,
         sink: ResponseSink,
         timeout: float | None,
+        now: float | None = None,
+        on_done: Callable[[BaseException | None], object] | None = None,
     ) -> None:
-        self.done: Deferred[None] = Deferred()
         self.response_started = False
         self._pool = pool
         self._method = method
         self._head = head
-        self._headers = headers
+        self._upgrade = upgrade
         self._body = body
         self._chunked = chunked
         self._sink = sink
         self._timeout = timeout
+        self._now = now
         self._conn: _Connection | None = None
         self._dialer: _Dialer | None = None
-        self._timer: Any = None
         self._paused = False
         self._finished = False
         self._retried = False
@@ -562,19 +449,51 @@ class Exchange:
         self._body_written = False  # any body byte reached an upstream transport
         self._pending: list[bytes] | None = None  # body bytes produced while reconnecting
         self._tunnel: Tunnel | None = None
+        self._on_done = on_done
+        self._done: Deferred[None] | None = None
+        self._result: Any = _PENDING
 
     # -- public -----------------------------------------------------------------------
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires when the response is complete (or the upgrade done); fails with the error."""
+        d = self._done
+        if d is None:
+            d = self._done = Deferred()
+            result = self._result
+            if result is not _PENDING:
+                if result is None:
+                    d.callback(None)
+                else:
+                    d.errback(result)
+        return d
+
+    def _complete(self, result: BaseException | None) -> None:
+        self._result = result
+        # The sink (the pipeline's exchange) holds this exchange: let refcounting free both.
+        self._sink = None
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(result)
+        d = self._done
+        if d is not None:
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
 
     def pause(self) -> None:
         self._paused = True
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.splice is None:
             conn.transport.pauseProducing()
 
     def resume(self) -> None:
         self._paused = False
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.splice is None:
             conn.transport.resumeProducing()
 
     pauseProducing = pause
@@ -589,7 +508,7 @@ class Exchange:
             if self._tunnel is not None:
                 self._tunnel.close()
             return
-        self._fail(Failure(CancelledError()))
+        self._fail(CancelledError())
 
     stopProducing = cancel
 
@@ -608,7 +527,7 @@ class Exchange:
         if self._chunked:
             conn.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            conn.transport.write(data)
+            send_now(conn.transport, data)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
@@ -625,6 +544,7 @@ class Exchange:
         conn.sink = self._sink
         conn.state = _HEAD
         conn.buf = b""
+        conn.scan = 0
         conn.seen = False
         conn.no_body = self._method == b"HEAD"
         conn.reused = reused
@@ -633,15 +553,21 @@ class Exchange:
             t.pauseProducing()
         body = self._body
         if body is None:
-            write_now(t, self._head)
+            send_now(t, self._head)
             self._request_written()
             return
         flow = self._flow
         if flow is None:
-            write_now(t, self._head)
+            send_now(t, self._head)
             self._flow = flow = _BodyFlow(body)
             t.registerProducer(flow, True)
-            body.startProducing(self).addCallbacks(self._body_finished, self._body_failed)
+            start = getattr(body, "start", None)
+            if start is not None:  # the channel's RequestBody: a direct call, no Deferred
+                start(self, self._body_ended)
+                if not self._chunked and self._conn is conn and not self._body_done:
+                    body.splice_to(t, self._spliced)  # the rest kernel to kernel, if it can
+            else:
+                body.startProducing(self).addCallbacks(self._body_finished, self._body_failed)
             return
         # A retry: the producer is already running; bytes it made meanwhile are pending.
         pending, self._pending = self._pending, None
@@ -659,6 +585,15 @@ class Exchange:
         t.registerProducer(flow, True)
         flow.resumeProducing()
 
+    def _spliced(self) -> None:
+        self._body_written = True  # bytes reached the upstream: never retried
+
+    def _body_ended(self, error: BaseException | None) -> None:
+        if error is None:
+            self._body_finished(None)
+        else:
+            self._body_failed(Failure(error))
+
     def _body_finished(self, _: object) -> None:
         self._body_done = True
         conn = self._conn
@@ -668,21 +603,25 @@ class Exchange:
         if self._chunked:
             t.write(b"0\r\n\r\n")
         t.unregisterProducer()
+        self._now = None  # the body took its time: the timeout starts now
         self._request_written()
 
     def _body_failed(self, f: Failure) -> None:
         self._body_done = True
         if not self._finished:
-            self._fail(f)
+            self._fail(f.value)
 
     def _request_written(self) -> None:
         timeout = self._timeout
         if timeout and not self.response_started:
-            self._timer = self._pool._reactor.callLater(timeout, self._timed_out)
+            pool = self._pool
+            now = self._now
+            if now is None:
+                now = pool._reactor.seconds()
+            pool._wait_for_head(self, now + timeout)
 
     def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(Failure(UpstreamTimeout("net/http: timeout awaiting response headers")))
+        self._fail(UpstreamTimeout("net/http: timeout awaiting response headers"))
 
     # -- events from the connection ---------------------------------------------------
 
@@ -692,10 +631,8 @@ class Exchange:
     def _response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None
     ) -> None:
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        if self._timeout:
+            self._pool._head_arrived(self)
         self.response_started = True
         self._sink.response_started(status, reason, headers, length)
 
@@ -715,15 +652,15 @@ class Exchange:
         if reusable:
             if self._paused:
                 t.resumeProducing()
-            self._pool._release(conn)
+            self._pool._release(conn, self._now)
         else:
             conn.state = _DEAD
             t.loseConnection()
-        self.done.callback(None)
+        self._complete(None)
 
     def _switching(self, conn: _Connection, reason: bytes, raw: list, rest: bytes) -> None:
         """A 101: hand the raw connection over to a Tunnel (SPEC §8.4)."""
-        wanted = b", ".join(v for n, v in self._headers if n.lower() == b"upgrade")
+        wanted = self._upgrade or b""
         offered = b", ".join(v for n, v in raw if n.lower() == b"upgrade")
         if not wanted or wanted.lower() != offered.lower():
             self._protocol_error(
@@ -732,10 +669,8 @@ class Exchange:
                 f"when {wanted.decode('latin-1')!r} was requested",
             )
             return
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        if self._timeout:
+            self._pool._head_arrived(self)
         self._finished = True
         self._conn = None
         conn.exchange = None
@@ -751,13 +686,13 @@ class Exchange:
         self.response_started = True
         self._sink.response_started(101, reason, raw, None)
         self._sink.upgraded(tunnel)
-        self.done.callback(None)
+        self._complete(None)
 
     def _protocol_error(self, conn: _Connection, message: str) -> None:
         if self.response_started:
-            self._fail(Failure(UpstreamAborted(message)))
+            self._fail(UpstreamAborted(message))
         else:
-            self._fail(Failure(UpstreamError(message)))
+            self._fail(UpstreamError(message))
 
     def _connection_lost(self, conn: _Connection, state: int, reason: Failure) -> None:
         if state == _BODY_CLOSE and reason.check(error.ConnectionDone):
@@ -765,7 +700,7 @@ class Exchange:
             return
         clean = reason.check(error.ConnectionDone) is not None
         if self.response_started:
-            self._fail(Failure(UpstreamAborted("unexpected EOF" if clean else _describe(reason))))
+            self._fail(UpstreamAborted("unexpected EOF" if clean else _describe(reason)))
             return
         if (
             conn.reused
@@ -780,7 +715,7 @@ class Exchange:
             message = "net/http: HTTP/1.x transport connection broken: unexpected EOF"
         else:
             message = "EOF" if clean else _describe(reason)
-        self._fail(Failure(UpstreamError(message)))
+        self._fail(UpstreamError(message))
 
     def _retry(self, conn: _Connection) -> None:
         """Go's transparent retry: a reused connection died before answering."""
@@ -788,10 +723,9 @@ class Exchange:
         self._conn = None
         conn.exchange = None
         conn.sink = None
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        if self._timeout:
+            self._pool._head_arrived(self)
+        self._now = None
         flow = self._flow
         if flow is not None and not self._body_done:
             flow.pauseProducing()
@@ -800,7 +734,7 @@ class Exchange:
     def _connect_failed(self, exc: Exception) -> None:
         self._dialer = None
         if not self._finished:
-            self._fail(Failure(exc))
+            self._fail(exc)
 
     def _stop_body(self) -> None:
         self._body_done = True
@@ -809,17 +743,20 @@ class Exchange:
         except Exception:
             pass
 
-    def _fail(self, f: Failure) -> None:
+    def _fail(self, exc: BaseException) -> None:
         if self._finished:
             return
         self._finished = True
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        if self._timeout:
+            self._pool._head_arrived(self)
         conn = self._conn
         if conn is not None:
             self._conn = None
+            splice, conn.splice = conn.splice, None
+            if splice is not None:
+                splice.stop()
+                if conn.sink is not None:
+                    conn.sink.splice_done(splice.moved)
             conn.exchange = None
             conn.sink = None
             conn.state = _DEAD
@@ -831,7 +768,7 @@ class Exchange:
             dialer.cancel()
         if self._body is not None and self._flow is not None and not self._body_done:
             self._stop_body()
-        self.done.errback(f)
+        self._complete(exc)
 
 
 def _describe(reason: Failure) -> str:
@@ -1076,6 +1013,10 @@ class UpstreamPool:
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
         self._closed = False
+        # Exchanges waiting for response headers -> deadline (insertion order), one timer.
+        self._waiting: dict[Exchange, float] = {}
+        self._timer: Any = None
+        self._timer_at = 0.0
 
     @property
     def idle_count(self) -> int:
@@ -1090,30 +1031,55 @@ class UpstreamPool:
         sink: ResponseSink,
         *,
         timeout: float | None,
+        on_done: Callable[[BaseException | None], object] | None = None,
     ) -> Exchange:
         """Send one request; the response goes to ``sink``. See the module docstring."""
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         framing = _FRAMING_NAMES
+        upgrade: list[bytes] = []
         for name, value in headers:
             drop = framing.get(name)
             if drop is None:
                 drop = _is_framing(name)
             if drop:
                 continue
+            if len(name) == 7 and name.lower() == b"upgrade":
+                upgrade.append(value)
             parts += (name, b": ", value, b"\r\n")
-        chunked = False
-        if body is not None and body.length == 0:
+        line, chunked = request_framing(method, body)
+        if line is None:
             body = None
-        if body is None:
-            if method in _ZERO_LENGTH_METHODS:
-                parts.append(b"Content-Length: 0\r\n")
-        elif body.length is UNKNOWN_LENGTH:
-            chunked = True
-            parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
-            parts.append(b"Content-Length: %d\r\n" % body.length)
+            parts.append(line)
         parts.append(b"\r\n")
-        ex = Exchange(self, method, b"".join(parts), headers, body, chunked, sink, timeout)
+        return self.forward_head(
+            method,
+            b"".join(parts),
+            body,
+            chunked,
+            sink,
+            timeout=timeout,
+            upgrade=b", ".join(upgrade) or None,
+            on_done=on_done,
+        )
+
+    def forward_head(
+        self,
+        method: bytes,
+        head: bytes,
+        body: IBodyProducer | None,
+        chunked: bool,
+        sink: ResponseSink,
+        *,
+        timeout: float | None,
+        upgrade: bytes | None = None,
+        now: float | None = None,
+        on_done: Callable[[BaseException | None], object] | None = None,
+    ) -> Exchange:
+        """Send a request whose head is already bytes, framing included (see
+        :func:`request_framing`); ``upgrade`` is the ``Upgrade`` value asked for, if any;
+        ``now`` (the reactor's clock, when the caller has just read it) saves a read."""
+        ex = Exchange(self, method, head, upgrade, body, chunked, sink, timeout, now, on_done)
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -1133,7 +1099,41 @@ class UpstreamPool:
             conn.state = _DEAD
             conn.transport.loseConnection()
 
-    # -- internals --------------------------------------------------------------------
+    # -- target timeouts ----------------------------------------------------------------
+
+    def _wait_for_head(self, ex: Exchange, deadline: float) -> None:
+        self._waiting[ex] = deadline
+        timer = self._timer
+        if timer is None:
+            self._arm(deadline)
+        elif deadline < self._timer_at:
+            timer.cancel()
+            self._arm(deadline)
+
+    def _head_arrived(self, ex: Exchange) -> None:
+        waiting = self._waiting
+        if waiting.pop(ex, None) is not None and not waiting:
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+
+    def _arm(self, deadline: float) -> None:
+        reactor = self._reactor
+        self._timer_at = deadline
+        self._timer = reactor.callLater(max(0.0, deadline - reactor.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        expired = [ex for ex, deadline in self._waiting.items() if deadline <= now]
+        for ex in expired:
+            self._waiting.pop(ex, None)
+        for ex in expired:
+            ex._timed_out()
+        if self._waiting and self._timer is None:
+            self._arm(min(self._waiting.values()))
+
+    # -- connections --------------------------------------------------------------------
 
     def _connect(self, ex: Exchange) -> None:
         if self._closed:
@@ -1143,14 +1143,15 @@ class UpstreamPool:
         ex._dialer = dialer
         dialer.start()
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: _Connection, now: float | None = None) -> None:
         idle = self._idle
         if self._closed or len(idle) >= self._max_idle or conn.lost:
             conn.state = _DEAD
             conn.transport.loseConnection()
             return
         conn.state = _IDLE
-        now = self._reactor.seconds()
+        if now is None:
+            now = self._reactor.seconds()
         conn.idle_since = now
         if idle and idle[0].idle_since < now - self._idle_timeout:
             old = idle.pop(0)

@@ -18,52 +18,38 @@ Nothing here blocks the reactor, and a CA that is down only delays the names it 
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from collections.abc import Callable, Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from kamal_proxy.observe.events import error, info
+from kamal_proxy.tls.lazy import lazy_module, preload
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError
 
-
-class _OnFirstUse:
-    """A module imported when first used.  ACME's libraries (and requests and urllib3 under
-    them) take a tenth of a second to import: a server whose restored services have no ACME
-    certificate serves without them."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def _load(self) -> Any:
-        return importlib.import_module(self._name)
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._load(), attr)
+# The protocol's libraries load with the first issuance, not at start (kamal_proxy.tls.lazy).
+jose = lazy_module("josepy")
+treq = lazy_module("treq")
+challenges = lazy_module("acme.challenges")
+jws = lazy_module("acme.jws")
+messages = lazy_module("acme.messages")
+x509 = lazy_module("cryptography.x509")
+oid = lazy_module("cryptography.x509.oid")
+hashes = lazy_module("cryptography.hazmat.primitives.hashes")
+serialization = lazy_module("cryptography.hazmat.primitives.serialization")
+ec = lazy_module("cryptography.hazmat.primitives.asymmetric.ec")
 
 
 def load_libraries() -> None:
-    """Import ACME's libraries now (``app.load_deferred_modules``)."""
-    for module in (jose, treq, challenges, jws, messages):
-        module._load()
+    """Import the protocol's libraries now (``app.load_deferred_modules``)."""
+    preload(jose, treq, challenges, jws, messages, x509, oid, hashes, serialization, ec)
 
-
-jose: Any = _OnFirstUse("josepy")
-treq: Any = _OnFirstUse("treq")
-challenges: Any = _OnFirstUse("acme.challenges")
-jws: Any = _OnFirstUse("acme.jws")
-messages: Any = _OnFirstUse("acme.messages")
 
 DAY = 86400.0
 RENEW_BEFORE = 30 * DAY
@@ -102,7 +88,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey, names: list[str]) -> bytes:
     """A DER CSR for ``names`` (first name as CN when it fits)."""
     subject = []
     if len(names[0]) <= 64:
-        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
+        subject.append(x509.NameAttribute(oid.NameOID.COMMON_NAME, names[0]))
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(subject))
@@ -418,11 +404,6 @@ class Issuer:
     def in_flight(self, name: str) -> bool:
         return name in self._inflight
 
-    @property
-    def busy(self) -> bool:
-        """A certificate is being issued (an upgrade waits for it: ``process/upgrade.py``)."""
-        return bool(self._inflight)
-
     # -- issuance ---------------------------------------------------------------------------
 
     def obtain(self, name: str) -> defer.Deferred:
@@ -596,10 +577,6 @@ class AcmeService(service.Service):
             self._kicked.cancel()
         for issuer in self.issuers.values():
             issuer.cancel_all()
-
-    def issuing(self) -> bool:
-        """Some certificate is being issued now."""
-        return any(issuer.busy for issuer in self.issuers.values())
 
     def kick(self) -> None:
         """Check soon (after the current reactor turn, once the deploy is installed)."""

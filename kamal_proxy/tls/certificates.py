@@ -16,22 +16,26 @@ and ``http01_response(host, path)`` for the ACME stage of the pipeline (P9).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
-from OpenSSL import SSL
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
 from kamal_proxy import options as paths
 from kamal_proxy.gostrings import go_quote
 from kamal_proxy.observe.events import error, warn
+from kamal_proxy.proxy.resource import ProbeResource
 from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY, parse_on_demand_url
-from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at, treq
-from kamal_proxy.tls.probe import ProbeResource, probe
+from kamal_proxy.tls.acme import AcmeService, Issuer, renew_at
 from kamal_proxy.tls.sni import CertificateSelector, server_context, tls_server_factory
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir, pem_blocks
+
+if TYPE_CHECKING:
+    # pyOpenSSL, treq and twisted.web.client load when TLS is used (kamal_proxy.tls.lazy).
+    import treq
+    from OpenSSL import SSL
+    from twisted.web.client import BrowserLikePolicyForHTTPS
 
 ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 ON_DEMAND_TIMEOUT = 2.0
@@ -88,6 +92,8 @@ class StaticCertificate:
     """One certificate for every name routed to the service; no ACME handling."""
 
     def __init__(self, cert_path: str, key_path: str) -> None:
+        from OpenSSL import SSL
+
         try:
             self.entry = load_key_pair(cert_path, key_path)
             self.context = server_context(self.entry)
@@ -201,6 +207,8 @@ class OnDemandPolicy:
     async def _ask(self, host: str) -> None:
         url = check_url(self.url, host)
         if self.mode == "local":
+            from kamal_proxy.tls.probe import probe
+
             status, body = await probe(self.reactor, self.local, host, url, self.timeout)
         else:
             status, body = await self._get(url)
@@ -334,8 +342,9 @@ class AcmeCertificates:
 # -- assembly ------------------------------------------------------------------------------------
 
 
-def _trust_policy(ca_bundle: str) -> Any:
-    from twisted.web.client import BrowserLikePolicyForHTTPS  # an HTTP client: on first use
+def _trust_policy(ca_bundle: str) -> BrowserLikePolicyForHTTPS:
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+    from twisted.web.client import BrowserLikePolicyForHTTPS
 
     if not ca_bundle:
         return BrowserLikePolicyForHTTPS()
@@ -375,17 +384,19 @@ class TLS:
 
     # -- HTTP clients -------------------------------------------------------------------------
 
-    def _acme_http(self) -> Any:
+    def _acme_http(self) -> treq.client.HTTPClient:
+        import treq
         from twisted.web.client import Agent, HTTPConnectionPool
 
         pool = HTTPConnectionPool(self.reactor, persistent=True)
         policy = _trust_policy(self.acme_ca_bundle)
         return treq.client.HTTPClient(Agent(self.reactor, contextFactory=policy, pool=pool))
 
-    def _on_demand_http(self) -> Any:
-        from twisted.web.client import Agent, HTTPConnectionPool
-
+    def _on_demand_http(self) -> treq.client.HTTPClient:
         if self._check_http is None:
+            import treq
+            from twisted.web.client import Agent, HTTPConnectionPool
+
             pool = HTTPConnectionPool(self.reactor, persistent=False)
             self._check_http = treq.client.HTTPClient(Agent(self.reactor, pool=pool))
         return self._check_http

@@ -1,7 +1,7 @@
 """The local on-demand TLS check: an internal request through the service's pipeline (§16.4).
 
-The request is a real ``StreamingRequest`` on an in-memory channel, rendered by a
-``RoutingResource`` whose exchanges never redirect and never log, so it meets client-IP
+The request is a twisted.web request on an in-memory channel, rendered by an internal
+pipeline (``ProbeResource``: no redirects, no request log line), so it meets client-IP
 handling, the ACME stage, error pages, pause/stop, rollout, load balancing and proxying
 exactly like a client request would.  It has no peer (hence no ``X-Forwarded-For``) and
 arrives as plain HTTP (``X-Forwarded-Proto: http``).
@@ -16,36 +16,17 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import server
 from twisted.web.http_headers import Headers
 
-from kamal_proxy.proxy.channel import StreamingRequest
-from kamal_proxy.proxy.resource import ProxyExchange, RoutingResource
+from kamal_proxy.proxy.resource import ProbeResource, RoutingResource
+from kamal_proxy.proxy.webrequest import StreamingRequest
+
+__all__ = ["MAX_BODY", "PROBE_TIMEOUT", "ProbeResource", "ProbeRequest", "probe"]
 
 PROBE_TIMEOUT = 2.0
 MAX_BODY = 256
 # A paused service ends the wait itself (max-pause); this only bounds a pathological one.
 MAX_REARMS = 150
-
-
-class _ProbeExchange(ProxyExchange):
-    __slots__ = ()
-
-    def _redirect(self, options: Any) -> bool:
-        return False
-
-    def _log(self) -> None:
-        pass
-
-
-class ProbeResource(RoutingResource):
-    """A routing resource for internal requests: no redirects, no request log."""
-
-    def render(self, request: server.Request):
-        exchange = _ProbeExchange(self, request)
-        request.probe_exchange = exchange
-        exchange.run()
-        return server.NOT_DONE_YET
 
 
 class _Transport:
@@ -124,7 +105,7 @@ class ProbeRequest(StreamingRequest):
         self.probe_exchange = None
 
     def write(self, data: bytes) -> None:
-        if self.finished or self._disconnected:
+        if self.finished or self.gone:
             return
         self.startedWriting = 1
         room = MAX_BODY - len(self.probe_body)

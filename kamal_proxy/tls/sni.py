@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL
-from OpenSSL.crypto import X509, PKey
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import CertificateOptions, TLSVersion
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from kamal_proxy.observe.events import debug, warn
-from kamal_proxy.tls.store import KeyAndChain
+
+if TYPE_CHECKING:
+    # pyOpenSSL loads with the HTTPS port's first connection (kamal_proxy.tls.lazy).
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions
+
+    from kamal_proxy.tls.store import KeyAndChain
 
 ALPN = [b"h2", b"http/1.1"]
 #: How long a handshake waits for its certificate (on-demand check + issuance).
@@ -37,6 +39,9 @@ def server_context(entry: KeyAndChain) -> SSL.Context:
     """The server context for one certificate: TLS 1.2+, ALPN h2/http1.1 (cached on entry)."""
     context = entry.context
     if context is None:
+        from OpenSSL.crypto import X509, PKey
+        from twisted.internet.ssl import CertificateOptions, TLSVersion
+
         options = CertificateOptions(
             privateKey=PKey.from_cryptography_key(entry.key),
             certificate=X509.from_cryptography(entry.leaf),
@@ -210,6 +215,8 @@ class CertificateSelector:
 
 def https_options(selector: CertificateSelector) -> CertificateOptions:
     """The listener's options: no certificate of its own, one per SNI name from the selector."""
+    from twisted.internet.ssl import CertificateOptions, TLSVersion
+
     return CertificateOptions(
         contextForServerName=selector,
         acceptableProtocols=ALPN,
@@ -282,7 +289,11 @@ class PeekingProtocol(protocol.Protocol):
 
 
 class PeekingFactory(protocol.Factory):
-    """Wraps ``TLSMemoryBIOFactory(options, site)`` with a ClientHello peek per connection."""
+    """Wraps ``TLSMemoryBIOFactory(options, site)`` with a ClientHello peek per connection.
+
+    The TLS factory (and with it pyOpenSSL) is made for the first connection: a proxy whose
+    HTTPS port is never used does not load TLS at all.
+    """
 
     def __init__(
         self,
@@ -292,15 +303,30 @@ class PeekingFactory(protocol.Factory):
         wait: float = HANDSHAKE_WAIT,
     ) -> None:
         self.reactor = reactor
+        self.site = site
         self.selector = selector
         self.wait = wait
-        self.tls_factory = TLSMemoryBIOFactory(https_options(selector), False, site)
+        self._tls_factory: Any = None
+
+    @property
+    def tls_factory(self) -> Any:
+        factory = self._tls_factory
+        if factory is None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(https_options(self.selector), False, self.site)
+            self._tls_factory = factory
+        return factory
+
+    @tls_factory.setter
+    def tls_factory(self, factory: Any) -> None:
+        self._tls_factory = factory
 
     def doStart(self) -> None:
-        self.tls_factory.doStart()
+        self.site.doStart()
 
     def doStop(self) -> None:
-        self.tls_factory.doStop()
+        self.site.doStop()
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
         tls = self.tls_factory.buildProtocol(addr)

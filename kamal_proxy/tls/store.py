@@ -17,12 +17,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING
 
 from kamal_proxy.options import make_private_dirs
+
+if TYPE_CHECKING:
+    # cryptography loads when a certificate is first read or made, not at start.
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ACCOUNT_KEY_NAME = "acme_account+key"
 
@@ -69,6 +71,8 @@ class KeyAndChain:
 
     def to_pem(self) -> bytes:
         """The Go autocert entry: traditional (SEC1/PKCS#1) key PEM, then the chain."""
+        from cryptography.hazmat.primitives import serialization
+
         key = self.key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
@@ -79,6 +83,10 @@ class KeyAndChain:
     @classmethod
     def from_pem(cls, data: bytes) -> KeyAndChain:
         """Parse an entry; the key must match the leaf (raises StoreError otherwise)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         key = None
         chain: list[x509.Certificate] = []
         try:
@@ -109,6 +117,8 @@ class KeyAndChain:
 
 
 def keys_match(key, certificate: x509.Certificate) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return key.public_key().public_bytes(*fmt) == certificate.public_key().public_bytes(*fmt)
 
@@ -172,6 +182,9 @@ class CertificateStore:
 
     def account_key(self) -> ec.EllipticCurvePrivateKey:
         """The ECDSA P-256 account key, created and stored on first use."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         data = self.read(ACCOUNT_KEY_NAME)
         if data is not None:
             try:

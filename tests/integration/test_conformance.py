@@ -810,7 +810,6 @@ class RequestConformanceTests(IntegrationTestCase):
             (b"GET  /parser HTTP/1.1\r\n" + h + b"\r\n", (400,), "double space"),
             (b"GET /parser HTTP/1.1 extra\r\n" + h + b"\r\n", (400, 505), "extra token"),
             (b"GET /parser http/1.1\r\n" + h + b"\r\n", (400, 505), "lowercase version"),
-            (b"GET /parser HTTP/1.2\r\n" + h + b"\r\n", (505,), "HTTP/1.2"),
             (b"GET /parser HTTP/2.0\r\n" + h + b"\r\n", (505,), "HTTP/2.0 text"),
             (b"GET /parser HTTP/1.1\r\nHost: a\x00b\r\n\r\n", (400,), "NUL in Host"),
             (b"GET /parser%zz HTTP/1.1\r\n" + h + b"\r\n", (400,), "bad escape in path"),
@@ -820,8 +819,15 @@ class RequestConformanceTests(IntegrationTestCase):
             self.assertRejected(data, statuses, what)
 
     def test_parser_accepted_forms(self):
-        """§4.3: identical repeated Content-Length, `Chunked` in any case, obs-fold safe."""
+        """§4.3: identical repeated Content-Length, `Chunked` in any case, obs-fold safe,
+        `HTTP/1.2` served as HTTP/1.1."""
         self.deploy_once_parser()
+        raw = raw_exchange(
+            self.proxy.http_port,
+            b"GET /parser HTTP/1.2\r\nHost: parser.example.com\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(raw_status(raw), 200, raw[:300])
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:300])
         raw = raw_exchange(
             self.proxy.http_port,
             b"POST /upload HTTP/1.1\r\nHost: parser.example.com\r\nContent-Length: 5\r\n"

@@ -87,6 +87,28 @@ class HostileInputTests(IntegrationTestCase):
         )
         self.assertEqual(resp.status, 200)
 
+    def test_header_line_limit(self):
+        """§4.3: 500 header lines (Host included) pass, 501 get 431; so does a flood of
+        150,000 short header lines (750 KB, under the size limit), and the proxy serves on."""
+        head = b"GET / HTTP/1.1\r\nHost: x.example.com\r\nConnection: close\r\n"
+        lines = b"".join(b"X-%d: v\r\n" % i for i in range(498))
+        raw = self.exchange(head + lines + b"\r\n")
+        # Forwarded: the upstream answers (Python's http.server refuses over 100 headers).
+        self.assertIn(b"Server: upstream-app", raw[:300])
+        self.assertRejected(head + lines + b"X-Last: v\r\n\r\n", 431, "501 header lines")
+        flood = b"GET / HTTP/1.1\r\nHost: x.example.com\r\n" + b"a: b\r\n" * 150_000 + b"\r\n"
+        self.assertRejected(flood, 431, "150,000 header lines")
+
+    def test_options_asterisk(self):
+        """§4.3: `OPTIONS *` is answered 200 by the server itself, never proxied."""
+        before = self.app.request_count()
+        raw = self.exchange(
+            b"OPTIONS * HTTP/1.1\r\nHost: x.example.com\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(raw_status(raw), 200, raw[:200])
+        self.assertIn(b"Content-Length: 0\r\n", raw)
+        self.assertEqual(self.app.request_count(), before)
+
     def test_rejection_closes_connection(self):
         """A rejected request ends its connection (``Connection: close``)."""
         raw = self.exchange(b"GARBAGE\r\n\r\nGET / HTTP/1.1\r\nHost: x.example.com\r\n\r\n")

@@ -120,8 +120,12 @@ class Http3EndToEnd(IntegrationTestCase):
         self.assertIn(b"<html", body.lower())
         self.assertEqual(headers.get("Alt-Svc"), alt_svc)
 
-        sock_protocol, status, body = h2_request(proxy.https_port, "localhost", self.certs.cadata)
+        h2_headers: dict[str, str] = {}
+        sock_protocol, status, body = h2_request(
+            proxy.https_port, "localhost", self.certs.cadata, response_headers=h2_headers
+        )
         self.assertEqual((sock_protocol, status, body), ("h2", 200, b"h3app"))
+        self.assertEqual(h2_headers.get("alt-svc"), alt_svc)
 
         def served() -> float | None:
             text = http_request(self.metrics_port, "GET", "/metrics").text
@@ -317,7 +321,12 @@ class WithoutHttp3(IntegrationTestCase):
         status, headers, _ = https_get(proxy.https_port, "localhost", certs.cadata)
         self.assertEqual(status, 200)
         self.assertNotIn("alt-svc", {k.lower() for k in headers})
-        self.assertEqual(h2_request(proxy.https_port, "localhost", certs.cadata)[1], 200)
+        h2_headers: dict[str, str] = {}
+        response = h2_request(
+            proxy.https_port, "localhost", certs.cadata, response_headers=h2_headers
+        )
+        self.assertEqual(response[1], 200)
+        self.assertNotIn("alt-svc", h2_headers)
         self.assertTrue(udp_port_free(proxy.https_port))
         with self.assertRaises(H3Error):
             H3Client(proxy.https_port, "localhost", certs.cadata, timeout=1)

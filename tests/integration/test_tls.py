@@ -73,8 +73,9 @@ def https_get(port, host, cadata, path="/", method="GET", body=None, headers=Non
         conn.close()
 
 
-def h2_request(port, host, cadata, path="/", method="GET", body=b""):
-    """One HTTP/2 request: (negotiated protocol, status, body)."""
+def h2_request(port, host, cadata, path="/", method="GET", body=b"", response_headers=None):
+    """One HTTP/2 request: (negotiated protocol, status, body); the response's headers are
+    added to ``response_headers`` (a dict, names in lower case) when one is given."""
     sock = tls_connect(port, host, cadata)
     try:
         protocol = sock.selected_alpn_protocol()
@@ -97,6 +98,10 @@ def h2_request(port, host, cadata, path="/", method="GET", body=b""):
             for event in conn.receive_data(chunk):
                 if isinstance(event, h2.events.ResponseReceived):
                     status = int(dict(event.headers)[b":status"])
+                    if response_headers is not None:
+                        response_headers.update(
+                            (name.decode().lower(), value.decode()) for name, value in event.headers
+                        )
                 elif isinstance(event, h2.events.DataReceived):
                     data += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, 1)
