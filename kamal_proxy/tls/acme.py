@@ -404,6 +404,11 @@ class Issuer:
     def in_flight(self, name: str) -> bool:
         return name in self._inflight
 
+    @property
+    def busy(self) -> bool:
+        """A certificate is being issued (an upgrade waits for it: ``process/upgrade.py``)."""
+        return bool(self._inflight)
+
     # -- issuance ---------------------------------------------------------------------------
 
     def obtain(self, name: str) -> defer.Deferred:
@@ -577,6 +582,10 @@ class AcmeService(service.Service):
             self._kicked.cancel()
         for issuer in self.issuers.values():
             issuer.cancel_all()
+
+    def issuing(self) -> bool:
+        """Some certificate is being issued now."""
+        return any(issuer.busy for issuer in self.issuers.values())
 
     def kick(self) -> None:
         """Check soon (after the current reactor turn, once the deploy is installed)."""

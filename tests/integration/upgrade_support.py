@@ -260,7 +260,10 @@ class MixedLoad:
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no success of {behind} within {timeout:g}s")
+                    raise AssertionError(
+                        f"no success of {behind} within {timeout:g}s; "
+                        f"failures: {self.out.failures[-5:]}"
+                    )
                 self.lock.wait(left)
 
     # -- recording ---------------------------------------------------------------------------
