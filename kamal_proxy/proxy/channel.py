@@ -997,6 +997,9 @@ class HTTP1Channel(Protocol):
         self._persistent = False
         self._dead = True
         self._buf = b""
+        # A TLS transport closes only once its producer is gone (TLSMemoryBIOProtocol waits
+        # for unregisterProducer); TCP closes either way.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def close_when_idle(self) -> None:

@@ -320,6 +320,18 @@ class AcmeEndToEnd(IntegrationTestCase):
         )
         status, _, body = https_get(proxy.https_port, "foo.static.test", cert_pem(ca).decode())
         self.assertEqual((status, body), (200, b"first"))
+        # Connection: close over TLS: the response, then the server closes (a TLS transport
+        # with a producer registered waited for ever).
+        with tls_connect(
+            proxy.https_port, "foo.static.test", cert_pem(ca).decode(), alpn=("http/1.1",)
+        ) as tls:
+            tls.settimeout(10)
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: foo.static.test\r\nConnection: close\r\n\r\n")
+            received = b""
+            while chunk := tls.recv(65536):
+                received += chunk
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received[:100])
+        self.assertTrue(received.endswith(b"\r\n\r\nfirst"), received[-100:])
         proxy.cli_ok("remove", "static")
 
     def test_4_on_demand_allowed_and_denied(self):
