@@ -26,7 +26,7 @@ from kamal_proxy.service_options import ACME_STAGING_DIRECTORY, ServiceOptions, 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECOND = 1_000_000_000
-VISIBLE = ["deploy", "list", "pause", "remove", "resume", "rollout", "run", "stop"]
+VISIBLE = ["deploy", "list", "pause", "remove", "resume", "rollout", "run", "stop", "upgrade"]
 
 
 class Recorder:
@@ -700,15 +700,18 @@ class RunCommandTests(CLITestCase):
     def setUp(self):
         super().setUp()
         import kamal_proxy.app
+        import kamal_proxy.cli.run
 
         self.started: list[RunOptions] = []
         self.exit_code = 0
 
-        def run_server(options: RunOptions) -> int:
+        def run_server(options: RunOptions, sockets=None) -> int:
             self.started.append(options)
             return self.exit_code
 
         self.patch(kamal_proxy.app, "run_server", run_server)
+        # (No port is bound ahead of the server that is not started.)
+        self.patch(kamal_proxy.cli.run, "_bind_early", lambda options: None)
 
     def test_defaults(self):
         result = self.cli("run")

@@ -74,6 +74,8 @@ class ContractTests(unittest.TestCase):
                     "RolloutSet",
                     "RolloutStop",
                     "Stop",
+                    # Not in the Go original: kamal-proxy upgrade (issue 10).
+                    "Upgrade",
                 ]
             ),
         )

@@ -24,6 +24,7 @@ COMMANDS = [
     ["rollout", "set"],
     ["rollout", "stop"],
     ["completion"],
+    ["upgrade"],
 ]
 # The syntax placeholder, the example app's own flags (example/app/app.py), twistd's, Kamal's
 # (`kamal proxy boot_config set`) and Docker's.

@@ -65,6 +65,17 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(self.service["CapabilityBoundingSet"], "CAP_NET_BIND_SERVICE")
         self.assertEqual(self.service["NoNewPrivileges"], "true")
 
+    def test_reload_upgrades_and_systemd_follows_the_new_process(self):
+        # READY=1 when it serves; MAINPID= names the new process of an upgrade.
+        self.assertEqual(self.service["Type"], "notify")
+        self.assertEqual(self.service["NotifyAccess"], "main")
+        self.assertEqual(self.service["ExecReload"], f"{EXEC} upgrade")
+        # A reload is bounded by TimeoutStartSec: an upgrade may wait for commands in
+        # progress (COMMANDS_TIMEOUT) and for the new process to serve (START_TIMEOUT).
+        from kamal_proxy.process.upgrade import COMMANDS_TIMEOUT, START_TIMEOUT
+
+        self.assertGreater(int(self.service["TimeoutStartSec"]), COMMANDS_TIMEOUT + START_TIMEOUT)
+
     def test_restarts_and_stops_gracefully(self):
         self.assertEqual(self.service["Restart"], "on-failure")
         self.assertEqual(self.service["KillSignal"], "SIGTERM")
@@ -82,7 +93,7 @@ class UnitTests(unittest.TestCase):
         directory = tempfile.mkdtemp(prefix="kp-unit-")
         self.addCleanup(shutil.rmtree, directory, True)
         unit = Path(directory) / UNIT.name
-        unit.write_text(self.text.replace(f"ExecStart={EXEC} ", f"ExecStart={script} "))
+        unit.write_text(self.text.replace(f"={EXEC} ", f"={script} "))
         result = subprocess.run(
             [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
         )

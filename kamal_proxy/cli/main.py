@@ -18,6 +18,7 @@ from kamal_proxy.cli.deploy import deploy_command
 from kamal_proxy.cli.rollout import rollout_command
 from kamal_proxy.cli.run import run_command
 from kamal_proxy.cli.service import service_commands
+from kamal_proxy.cli.upgrade import upgrade_command
 
 
 def build_root(
@@ -35,6 +36,7 @@ def build_root(
             deploy_command(env),
             *service_commands(),
             rollout_command(),
+            upgrade_command(),
             help_command(),
             completion_command(),
         ],

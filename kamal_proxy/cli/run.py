@@ -87,12 +87,26 @@ def run_options(values: Mapping[str, Any]) -> RunOptions:
 
 
 def _run(inv: Invocation) -> int:
+    options = run_options({flag.name: inv[flag.name] for flag in RUN_FLAGS})
+    sockets = _bind_early(options)
     from kamal_proxy.app import run_server
 
     # run_server reports expected start-up failures itself (``Error: ...``, exit code 1);
     # anything else is a bug and keeps its traceback.
-    options = run_options({flag.name: inv[flag.name] for flag in RUN_FLAGS})
-    return int(run_server(options) or 0)
+    return int(run_server(options, sockets) or 0)
+
+
+def _bind_early(options: RunOptions) -> Any:
+    """The HTTP and HTTPS ports, bound before the server's modules load (a few hundred
+    milliseconds): a restart then refuses connections only while no process holds them.
+    Not for a process started by an upgrade, which inherits them."""
+    import os
+
+    if "KAMAL_PROXY_HANDOVER" in os.environ:
+        return None
+    from kamal_proxy.process.listening import ListeningSockets
+
+    return ListeningSockets.bound_early({"http": options.http_port, "https": options.https_port})
 
 
 def run_command(environ: Mapping[str, str]) -> CobraCommand:

@@ -112,6 +112,15 @@ class RolloutStop(Command):
     errors = _ERRORS
 
 
+class Upgrade(Command):
+    """Replace the server by a new process from the code installed now (``process/upgrade.py``);
+    answered once the new process serves, with its pid."""
+
+    arguments = [(b"drain_timeout", Integer())]
+    response = [(b"pid", Integer())]
+    errors = _ERRORS
+
+
 class DeployProgress(Command):
     """Server to client, while a deploy that asked for it waits; never answered.
 

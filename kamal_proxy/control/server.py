@@ -22,11 +22,17 @@ from kamal_proxy.service_options import ServiceOptions, TargetOptions
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, router: Router, controller=None) -> None:
+    #: Commands received and not answered yet, and answered: an upgrade waits until no
+    #: connection has a command in progress (``process/upgrade.py``).
+    pending = 0
+    answered = 0
+
+    def __init__(self, router: Router, controller=None, upgrader=None) -> None:
         super().__init__()
         self.router = router
         # Pause/stop/resume and rollout live in their own controller (traffic issue).
         self.controller = controller
+        self.upgrader = upgrader
 
     def makeConnection(self, transport) -> None:
         # AMP logs every connection made and lost: two lines per CLI call in twistd's log.
@@ -42,6 +48,16 @@ class ControlProtocol(amp.AMP):
         if uid is not None and uid not in (0, os.getuid()):
             warn("Refused control connection from another user", uid=uid)
             self.transport.abortConnection()
+
+    def dispatchCommand(self, box):
+        self.pending += 1
+
+        def done(result):
+            self.pending -= 1
+            self.answered += 1
+            return result
+
+        return super().dispatchCommand(box).addBoth(done)
 
     def _call(self, fn, *args, **kwargs):
         """Run a Router call; its RouterError becomes the CommandFailed the CLI prints."""
@@ -139,6 +155,14 @@ class ControlProtocol(amp.AMP):
     @commands.RolloutStop.responder
     def rollout_stop(self, service):
         return self._controller_call("rollout_stop", service)
+
+    @commands.Upgrade.responder
+    def upgrade(self, drain_timeout):
+        if self.upgrader is None:
+            raise commands.CommandFailed("upgrade is not supported by this server")
+        # A failure is an UpgradeError, a CommandFailed: the CLI prints its reason.
+        d = self.upgrader.upgrade(drain_timeout, requester=self)
+        return d.addCallback(lambda pid: {"pid": pid})
 
 
 class DeployProgressSender:

@@ -29,7 +29,7 @@ from twisted.internet import error as neterror
 from twisted.web import resource, server
 
 from kamal_proxy.observe.events import error, info
-from kamal_proxy.startup import StartupError, bind_reason
+from kamal_proxy.startup import BindError, StartupError, bind_reason
 
 __all__ = [
     "BUCKETS",
@@ -339,12 +339,16 @@ class MetricsService(appservice.Service):
         *,
         interface: str = "::",
         gather: Gather | None = None,
+        sockets: Any = None,
     ) -> None:
         self.reactor = reactor
         self.requested_port = port
         self.interface = interface
         self.metrics = metrics
         self.gather = gather
+        #: The server's listening sockets (``process/listening.py``): the port is opened
+        #: there (or found there, handed over by an upgrade) and served through a duplicate.
+        self.sockets = sockets
         self.port: Any = None
 
     @property
@@ -362,6 +366,9 @@ class MetricsService(appservice.Service):
         info("Metrics enabled", address=f":{self.requested_port}")
 
     def _listen(self) -> None:
+        if self.sockets is not None:
+            self._adopt()
+            return
         try:
             self.port = self.reactor.listenTCP(
                 self.requested_port,
@@ -373,9 +380,20 @@ class MetricsService(appservice.Service):
                 f"listen tcp :{self.requested_port}: bind: {bind_reason(e)}"
             ) from None
 
+    def _adopt(self) -> None:
+        try:
+            sock = self.sockets.tcp("metrics", self.requested_port, self.interface)
+        except BindError as e:
+            raise StartupError(f"listen tcp :{self.requested_port}: bind: {e.reason}") from None
+        self.port = self.reactor.adoptStreamPort(
+            sock.fileno(), sock.family, metrics_site(self.metrics, self.gather)
+        )
+
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
         port, self.port = self.port, None
         if port is None:
             return None
+        if self.sockets is not None:
+            self.sockets.close("metrics")
         return defer.maybeDeferred(port.stopListening)

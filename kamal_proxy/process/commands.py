@@ -16,7 +16,8 @@ Main process → worker:
   withdraws it; :class:`CertificateIssued` a new or renewed certificate (PEM).
 * :class:`StartServing` adopt the listening sockets and accept (after the first snapshot).
 * :class:`CollectMetrics` the worker's request metrics (JSON), summed by the main process.
-* :class:`Shutdown` stop accepting, let requests in flight finish, answer, then exit.
+* :class:`Shutdown` stop accepting, let requests in flight finish, answer, then exit; after an
+  upgrade (``drain_timeout`` given) WebSocket tunnels too, up to that bound.
 
 Worker → main process:
 
@@ -107,7 +108,8 @@ class CollectMetrics(amp.Command):
 
 
 class Shutdown(amp.Command):
-    arguments: list = []
+    # Nanoseconds: the old process's drain after an upgrade (absent for a plain stop).
+    arguments = [(b"drain_timeout", amp.Integer(optional=True))]
     response: list = []
 
 

@@ -33,8 +33,8 @@ from twisted.python.failure import Failure
 from kamal_proxy.observe import log
 from kamal_proxy.observe.events import error as log_error
 from kamal_proxy.observe.events import info, warn
-from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
+from kamal_proxy.process.notify import without_notify
 from kamal_proxy.routing.replication import routing_change, routing_snapshot
 from kamal_proxy.routing.turns import SharedTurns, TurnSlots
 from kamal_proxy.startup import StartupError
@@ -144,6 +144,8 @@ class WorkerPool(appservice.Service):
         https: Any,
         argv: list[str] | None = None,
         udp: Any = None,
+        stderr: Any = None,
+        preforked: list[Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = options.workers
@@ -153,6 +155,14 @@ class WorkerPool(appservice.Service):
         self.https = https
         # HTTP/3: the UDP socket of each worker index (``app.DatagramSockets``), or None.
         self.udp = udp
+        # The descriptor workers write errors to (a process started by an upgrade has the
+        # server's real stderr elsewhere until it takes over): a callable, or None for 2.
+        self.stderr = stderr
+        #: Set when this main process handed over (seconds): how long workers may drain.
+        self.handover_drain: float | None = None
+        #: Children forked before the reactor started (``process/prefork.py``): the first
+        #: workers become those instead of new interpreters.
+        self.preforked = list(preforked or ())
         self.config = {
             "http_port": options.http_port,
             "https_port": options.https_port,
@@ -170,12 +180,21 @@ class WorkerPool(appservice.Service):
         self._crashes: dict[int, int] = {}
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._ready_waiters: list[defer.Deferred] = []
-        #: Counts of workers that are gone (their gauges are not kept).
-        self._departed = Metrics(process=False)
+        #: Counts of workers that are gone (their gauges are not kept); made on first use, as
+        #: the metrics libraries are loaded only when metrics are on.
+        self._departed_metrics: Any = None
         #: http-01 tokens out: (issuer key, token) -> (name, key authorization)
         self._challenges: dict[tuple[str, str], tuple[str, str]] = {}
         router.replicas = self
         tls.acme.set_events(self)
+
+    @property
+    def _departed(self) -> Any:
+        if self._departed_metrics is None:
+            from kamal_proxy.observe.metrics import Metrics
+
+            self._departed_metrics = Metrics(process=False)
+        return self._departed_metrics
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -200,14 +219,23 @@ class WorkerPool(appservice.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self.stopping = True
+        for child in self.preforked:
+            child.discard()
+        self.preforked = []
         workers = [w for w in self.workers.values() if not w.exited]
+        arguments = {}
+        stop_timeout = STOP_TIMEOUT
+        if self.handover_drain is not None:
+            arguments["drain_timeout"] = int(self.handover_drain * 1e9)
+            stop_timeout = max(STOP_TIMEOUT, self.handover_drain + DRAIN_GRACE)
         for worker in workers:
             if worker.connected:
-                worker.connection.callRemote(commands.Shutdown).addErrback(lambda _: None)
+                d = worker.connection.callRemote(commands.Shutdown, **arguments)
+                d.addErrback(lambda _: None)
             else:
                 self._signal(worker, "TERM")
         done = defer.DeferredList([w.ended for w in workers], consumeErrors=True)
-        timer = self.reactor.callLater(STOP_TIMEOUT, self._kill_all, workers)
+        timer = self.reactor.callLater(stop_timeout, self._kill_all, workers)
 
         def finished(_: object) -> None:
             if timer.active():
@@ -237,7 +265,7 @@ class WorkerPool(appservice.Service):
         fds = {
             0: stdin,
             1: "r" if relayed else 1,
-            2: "r" if relayed else 2,
+            2: "r" if relayed else self.stderr() if self.stderr is not None else 2,
             HTTP_FD: self.http.fileno(),
             HTTPS_FD: self.https.fileno(),
             CONTROL_FD: theirs.fileno(),
@@ -245,14 +273,20 @@ class WorkerPool(appservice.Service):
         }
         if self.udp is not None:
             fds[UDP_FD] = self.udp.fileno(index)
+        config = {**self.config, "index": index}
         try:
-            worker.process = self.reactor.spawnProcess(
-                WorkerProcess(self, worker),
-                self.argv[0],
-                [*self.argv, json.dumps({**self.config, "index": index})],
-                env=os.environ.copy(),
-                childFDs=fds,
-            )
+            worker.process = None
+            # A forked child takes descriptors only (not pipes to read, as under twistd).
+            while self.preforked and worker.process is None and not relayed:
+                worker.process = self._start_preforked(worker, config, fds)
+            if worker.process is None:
+                worker.process = self.reactor.spawnProcess(
+                    WorkerProcess(self, worker),
+                    self.argv[0],
+                    [*self.argv, json.dumps(config)],
+                    env=without_notify(os.environ),
+                    childFDs=fds,
+                )
         except BaseException:
             ours.close()
             raise
@@ -287,6 +321,22 @@ class WorkerPool(appservice.Service):
             )
         first.addCallback(lambda _: self._call(worker, commands.StartServing, APPLY_TIMEOUT))
         first.addCallback(lambda _: self._serving(worker))
+
+    def _start_preforked(self, worker: Worker, config: dict[str, Any], fds: dict[int, int]) -> Any:
+        """Give a forked child what a spawned worker inherits; it becomes the worker."""
+        from kamal_proxy.process.prefork import PreforkedProcess
+
+        child = self.preforked.pop(0)
+        try:
+            # The child keeps the stdin it forked with.
+            child.start(config, {fd: target for fd, target in fds.items() if fd != 0})
+        except OSError as e:  # it is gone (killed while it waited): spawn one instead
+            child.discard()
+            warn(
+                "Forked worker gone, spawning one", worker=worker.index, pid=child.pid, error=str(e)
+            )
+            return None
+        return PreforkedProcess(child.pid, WorkerProcess(self, worker))
 
     def _serving(self, worker: Worker) -> None:
         if worker.exited:

@@ -33,14 +33,13 @@ from twisted.python.failure import Failure
 
 from kamal_proxy.app import DataPlane, GracefulShutdown, setup_service, upstream_pool
 from kamal_proxy.observe.events import debug
-from kamal_proxy.observe.metrics import Metrics
 from kamal_proxy.process import commands
 from kamal_proxy.process.certificates import WorkerTLS
 from kamal_proxy.process.supervisor import CONTROL_FD, HTTP_FD, HTTPS_FD, TURNS_FD, UDP_FD
 from kamal_proxy.routing.replica import RouterReplica
 from kamal_proxy.routing.turns import SharedTurns
 
-#: Time for the last answers to leave before the reactor stops.
+#: At most this long for the last answers to leave before the reactor stops.
 EXIT_GRACE = 0.05
 
 
@@ -62,7 +61,11 @@ class Worker:
             acme_directory=config.get("acme_directory", ""),
             http_port=config["http_port"],
         )
-        self.metrics = Metrics() if config.get("metrics") else None
+        self.metrics = None
+        if config.get("metrics"):
+            from kamal_proxy.observe.metrics import Metrics  # prometheus_client, twisted.web
+
+            self.metrics = Metrics()
         self.plane = DataPlane(
             reactor,
             self.router,
@@ -118,10 +121,11 @@ class Worker:
 
     # -- stop ----------------------------------------------------------------------------------
 
-    def stop(self) -> defer.Deferred:
-        """Stop accepting, let requests in flight finish (10 s at most); once only."""
+    def stop(self, handover_drain: float | None = None) -> defer.Deferred:
+        """Stop accepting, let requests in flight finish (10 s at most; after an upgrade
+        ``handover_drain`` seconds, WebSocket tunnels included); once only."""
         if self._stopping is None:
-            self._stopping = defer.ensureDeferred(self._stop())
+            self._stopping = defer.ensureDeferred(self._stop(handover_drain))
             self._stopping.addBoth(self._done_stopping)
         if self._stopped:
             return defer.succeed(None)
@@ -135,23 +139,31 @@ class Worker:
         for d in waiters:
             d.callback(None)
 
-    async def _stop(self) -> None:
+    async def _stop(self, handover_drain: float | None) -> None:
         ports, self.ports = self.ports, []
         await defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
         )
-        drains = [
-            defer.ensureDeferred(
-                GracefulShutdown(self.reactor, self.plane.tracker, self.plane.sites).drain()
-            )
-        ]
+        shutdown = GracefulShutdown(
+            self.reactor, self.plane.tracker, self.plane.sites, ports=lambda: ports
+        )
+        drains = [defer.ensureDeferred(shutdown.drain(handover_drain))]
         if self.http3 is not None and self.http3.running:
             drains.append(defer.maybeDeferred(self.http3.stopService))
         await defer.gatherResults(drains, consumeErrors=True)
 
     def exit(self) -> None:
-        """Stop (gracefully) and end the process."""
-        self.stop().addBoth(lambda _: self.reactor.callLater(EXIT_GRACE, self._stop_reactor))
+        """Stop (gracefully) and end the process: once the connection to the main process is
+        closed (which writes out the last answers first), or EXIT_GRACE after the stop."""
+        self.stop().addBoth(lambda _: self._leave())
+
+    def _leave(self) -> None:
+        connection = self.connection
+        if connection is not None and connection.connected and connection.transport:
+            connection.transport.loseConnection()  # connectionLost calls exit() again
+            self.reactor.callLater(EXIT_GRACE, self._stop_reactor)
+        else:
+            self._stop_reactor()
 
     def _stop_reactor(self) -> None:
         if self.reactor.running:
@@ -232,9 +244,9 @@ class WorkerConnection(amp.AMP):
         return {"metrics": json.dumps(metrics.snapshot() if metrics is not None else {})}
 
     @commands.Shutdown.responder
-    def shutdown(self):
-        d = self.worker.stop()
-        # The answer is written first; exit() leaves it EXIT_GRACE to go before stopping.
+    def shutdown(self, drain_timeout=None):
+        d = self.worker.stop(None if drain_timeout is None else drain_timeout / 1e9)
+        # The answer is written first; exit() closes the connection after it, then stops.
         d.addCallback(lambda _: self.worker.reactor.callLater(0, self.worker.exit))
         return d.addCallback(lambda _: {})
 

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from kamal_proxy.observe.events import error, info
-from kamal_proxy.tls.lazy import lazy_module
+from kamal_proxy.tls.lazy import lazy_module, preload
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError
 
 # The protocol's libraries load with the first issuance, not at start (kamal_proxy.tls.lazy).
@@ -44,6 +44,12 @@ oid = lazy_module("cryptography.x509.oid")
 hashes = lazy_module("cryptography.hazmat.primitives.hashes")
 serialization = lazy_module("cryptography.hazmat.primitives.serialization")
 ec = lazy_module("cryptography.hazmat.primitives.asymmetric.ec")
+
+
+def load_libraries() -> None:
+    """Import the protocol's libraries now (``app.load_deferred_modules``)."""
+    preload(jose, treq, challenges, jws, messages, x509, oid, hashes, serialization, ec)
+
 
 DAY = 86400.0
 RENEW_BEFORE = 30 * DAY
@@ -398,6 +404,11 @@ class Issuer:
     def in_flight(self, name: str) -> bool:
         return name in self._inflight
 
+    @property
+    def busy(self) -> bool:
+        """A certificate is being issued (an upgrade waits for it: ``process/upgrade.py``)."""
+        return bool(self._inflight)
+
     # -- issuance ---------------------------------------------------------------------------
 
     def obtain(self, name: str) -> defer.Deferred:
@@ -571,6 +582,10 @@ class AcmeService(service.Service):
             self._kicked.cancel()
         for issuer in self.issuers.values():
             issuer.cancel_all()
+
+    def issuing(self) -> bool:
+        """Some certificate is being issued now."""
+        return any(issuer.busy for issuer in self.issuers.values())
 
     def kick(self) -> None:
         """Check soon (after the current reactor turn, once the deploy is installed)."""

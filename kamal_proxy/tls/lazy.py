@@ -21,7 +21,7 @@ import importlib
 import sys
 from typing import Any
 
-__all__ = ["import_twisted_without_tls", "lazy_module"]
+__all__ = ["import_twisted_without_tls", "lazy_module", "preload"]
 
 # Imported with pyOpenSSL hidden: the reactor's modules (not the reactor itself, which is
 # installed later by whoever runs it) and AMP.
@@ -75,6 +75,13 @@ class lazy_module:  # noqa: N801 - stands in for a module name
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"
+
+
+def preload(*modules: lazy_module) -> None:
+    """Import lazy modules now (for a process about to lose the right to read them)."""
+    for module in modules:
+        if module._module is None:
+            module._module = importlib.import_module(module._name)
 
 
 import_twisted_without_tls()

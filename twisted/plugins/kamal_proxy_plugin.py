@@ -69,6 +69,38 @@ class Options(usage.Options):
 
         return run_options(self)
 
+    def as_args(self) -> list[str]:
+        """These options as flags (every value explicit), for the process an upgrade starts."""
+        args = [
+            f"--{name}={self[name]}"
+            for name in (
+                "http-port",
+                "https-port",
+                "metrics-port",
+                "workers",
+                "acme-directory",
+                "acme-ca-bundle",
+            )
+        ]
+        args += [f"--{name}" for name in ("debug", "http3") if self[name]]
+        return args
+
+    def relaunch(self) -> Any:
+        """How ``kamal-proxy upgrade`` starts this server again: twistd with the same logging
+        (``kamal_proxy.process.relaunch``); the pid file follows the new process."""
+        import os
+
+        from kamal_proxy.process.relaunch import run_relaunch, twistd_relaunch
+
+        config = getattr(self, "parent", None)
+        if config is None:
+            return run_relaunch()
+
+        def release() -> None:
+            config["pidfile"] = None  # twistd removes it at exit otherwise
+
+        return twistd_relaunch(config, self.as_args(), os.getcwd(), release=release)
+
 
 @implementer(IServiceMaker, IPlugin)
 class KamalProxyServiceMaker:
@@ -79,9 +111,12 @@ class KamalProxyServiceMaker:
     def makeService(self, options: Options) -> Any:
         from twisted.internet import reactor
 
-        from kamal_proxy.app import make_service
+        from kamal_proxy.app import load_deferred_modules, make_service
         from kamal_proxy.observe import log
 
+        # twistd may switch to another user (-u/-g) once the service is made, who may not be
+        # able to read the Python installation: load now what `run` loads on first use.
+        load_deferred_modules()
         json_log = log.active()
         if json_log is None:
             # twistd's own text log: request lines become events of it (a daemon has no
@@ -94,7 +129,7 @@ class KamalProxyServiceMaker:
                 json_log.min_rank = 0
             log.set_debug(json_log.min_rank == 0)
             json_log.batch_flushes(reactor.callLater)
-        return make_service(options.run_options())
+        return make_service(options.run_options(), relaunch=options.relaunch())
 
 
 serviceMaker = KamalProxyServiceMaker()
