@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from kamal_proxy import options as paths
 from kamal_proxy.observe.events import error
 from kamal_proxy.service_options import ACME_PRODUCTION_DIRECTORY
+from kamal_proxy.tls.acme import read_cached
 from kamal_proxy.tls.certificates import TLS
 from kamal_proxy.tls.store import CertificateStore, KeyAndChain, StoreError, cache_dir
 
@@ -52,11 +53,7 @@ class IssuerCopy:
     def cached(self, name: str) -> KeyAndChain | None:
         entry = self.certificates.get(name)
         if entry is None:
-            try:
-                entry = self.store.load_certificate(name)
-            except StoreError as e:
-                error("ACME: unable to read cached certificate", host=name, error=str(e))
-                return None
+            entry = read_cached(self.store, name)
             if entry is not None:
                 self.certificates[name] = entry
         return entry

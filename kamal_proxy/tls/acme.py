@@ -51,6 +51,17 @@ def load_libraries() -> None:
     preload(jose, treq, challenges, jws, messages, x509, oid, hashes, serialization, ec)
 
 
+def read_cached(store: CertificateStore, name: str) -> KeyAndChain | None:
+    """The stored certificate for a handshake: an unreadable one is logged and counts as
+    missing (so it is issued again).  The main process's issuer and a worker's copy read
+    the one cache directory through this."""
+    try:
+        return store.load_certificate(name)
+    except StoreError as e:
+        error("ACME: unable to read cached certificate", host=name, error=str(e))
+        return None
+
+
 DAY = 86400.0
 RENEW_BEFORE = 30 * DAY
 FIRST_RETRY = 60.0
@@ -373,11 +384,7 @@ class Issuer:
         """The certificate for ``name`` from memory, else from the store (then kept)."""
         entry = self.certificates.get(name)
         if entry is None:
-            try:
-                entry = self.store.load_certificate(name)
-            except StoreError as e:
-                error("ACME: unable to read cached certificate", host=name, error=str(e))
-                return None
+            entry = read_cached(self.store, name)
             if entry is not None:
                 self._install(name, entry)
         return entry
