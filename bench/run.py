@@ -285,6 +285,18 @@ def provenance(kamal_cmd: str) -> dict:
     }
 
 
+def scrub(text: str) -> str:
+    """``text`` without this machine's directories: the virtualenv, the checkout, HOME."""
+    for directory, name in (
+        (sys.prefix, "<venv>"),
+        (str(ROOT), "<checkout>"),
+        (os.path.expanduser("~"), "~"),
+    ):
+        if directory and directory != "/":
+            text = text.replace(directory, name)
+    return text
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text().strip()
@@ -340,6 +352,8 @@ def main(argv: list[str]) -> int:
         f"system call, {fp.get('tcp_round_trip_ns')} ns per loopback round trip\n\n{table}"
     )
     markdown.write_text(markdown.read_text() + note)
+    for path in (out, markdown):  # committed files name no directory of this machine
+        path.write_text(scrub(path.read_text()))
     print(note)
     print(f"results: {out.relative_to(ROOT)} and {markdown.name}")
     return rc
