@@ -421,7 +421,7 @@ class GoawayTests(unittest.TestCase):
 
 class BindUdpTests(unittest.TestCase):
     def test_one_socket_per_worker_with_reuse_port(self):
-        from kamal_proxy.proxy.http3 import bind_udp
+        from kamal_proxy.process.listening import bind_udp
 
         first = bind_udp(0, reuse_port=True)
         self.addCleanup(first.close)

@@ -20,23 +20,22 @@ the consumer (the upstream connection) takes them, so a slow upstream slows the 
 down; response bytes buffered in QUIC above :data:`SEND_HIGH_WATER` pause the producer (the
 upstream response), which resumes below :data:`SEND_LOW_WATER` as acknowledgements arrive.
 
-Several worker processes.  QUIC has no accept(): every datagram of every connection arrives
-on the one UDP port.  With one socket per worker bound with ``SO_REUSEPORT`` (see
-:func:`bind_udp`), Linux picks the socket by a hash of the 4-tuple, so all datagrams of a
-connection reach the same worker as long as the client's address and port stay the same and
-the set of sockets does not change.  A datagram that reaches a worker without the
-connection is dropped (no stateless reset), so the client times out and reconnects.  That
-is what connection migration (a new client address, e.g. NAT rebinding or Wi-Fi to mobile)
-then does: within one worker it works, aioquic validates the new path; across workers the
-connection is lost and the client opens a new one, which browsers do transparently (and
-they fall back to HTTP/2 over TCP meanwhile).  A worker that is replaced changes the hash
+Several worker processes.  QUIC has no accept(): every datagram of every connection arrives on
+the one UDP port.  With one socket per worker bound with ``SO_REUSEPORT`` (the main process
+binds them: ``kamal_proxy.process.listening.bind_udp``), Linux picks the socket by a hash of
+the 4-tuple, so all datagrams of a connection reach the same worker as long as the client's
+address and port stay the same and the set of sockets does not change.  A datagram that reaches
+a worker without the connection is dropped (no stateless reset), so the client times out and
+reconnects.  That is what connection migration (a new client address, e.g. NAT rebinding or
+Wi-Fi to mobile) then does: within one worker it works, aioquic validates the new path; across
+workers the connection is lost and the client opens a new one, which browsers do transparently
+(and they fall back to HTTP/2 over TCP meanwhile).  A worker that is replaced changes the hash
 for the others' connections too, with the same result.  Steering by connection ID (an eBPF
 ``SO_ATTACH_REUSEPORT_EBPF`` program) would keep them; it is left out.
 """
 
 from __future__ import annotations
 
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -546,22 +545,3 @@ class Http3Server:
         """Close every connection now (after the stop deadline)."""
         for session in list(self.sessions):
             session.close_now(ErrorCode.H3_NO_ERROR)
-
-
-def bind_udp(port: int, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking dual-stack UDP socket on ``[::]:port`` for ``adoptDatagramPort``.
-
-    With ``reuse_port`` several processes (workers) can each bind one; the kernel then
-    keeps each client 4-tuple on one socket (see the module docstring).
-    """
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("::", port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
