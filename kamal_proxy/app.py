@@ -743,9 +743,9 @@ def _main_process(options: RunOptions, reactor, top: ProxyService, preforked=Non
 
 def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
     """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
-    from kamal_proxy.process.http3 import AdoptedHttp3Listener
     from kamal_proxy.proxy.http3 import Http3Server
     from kamal_proxy.proxy.http3_bridge import Http3Bridge
+    from kamal_proxy.proxy.http3_listener import Http3Listener
 
     https_site.advertise_http3(port)
     server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
@@ -758,7 +758,7 @@ def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None
             raise StartupError(f"listen udp :{port}: bind: {e.reason}") from None
         return os.dup(sock.fileno())
 
-    AdoptedHttp3Listener(reactor, open_udp, port, server).setServiceParent(top)
+    Http3Listener(reactor, open_udp, port, server).setServiceParent(top)
 
 
 class _Successor(appservice.Service):

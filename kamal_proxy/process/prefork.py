@@ -43,9 +43,9 @@ def preload(http3: bool = False) -> None:
     import kamal_proxy.proxy.resource  # noqa: F401
 
     if http3:
-        import kamal_proxy.process.http3  # noqa: F401
         import kamal_proxy.proxy.http3  # noqa: F401
         import kamal_proxy.proxy.http3_bridge  # noqa: F401
+        import kamal_proxy.proxy.http3_listener  # noqa: F401
 
 
 class Preforked:

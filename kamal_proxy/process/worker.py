@@ -83,16 +83,16 @@ class Worker:
 
     def _http3(self, config: dict[str, Any]) -> Any:
         """HTTP/3 as ``app._add_http3`` builds it, on this worker's inherited UDP socket."""
-        from kamal_proxy.process.http3 import AdoptedHttp3Listener
         from kamal_proxy.proxy.http3 import Http3Server
         from kamal_proxy.proxy.http3_bridge import Http3Bridge
+        from kamal_proxy.proxy.http3_listener import Http3Listener
 
         port = config["https_port"]
         self.plane.https_site.advertise_http3(port)
         server = Http3Server(
             self.reactor, self.tls.selector(), Http3Bridge(self.plane.https_resource, port)
         )
-        return AdoptedHttp3Listener(self.reactor, UDP_FD, port, server)
+        return Http3Listener(self.reactor, UDP_FD, port, server)
 
     # -- start ---------------------------------------------------------------------------------
 
