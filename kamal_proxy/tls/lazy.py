@@ -13,6 +13,16 @@ come up without their TLS extras; afterwards pyOpenSSL imports normally, the fir
 HTTPS port sees a handshake or a certificate is loaded.  It must run before anything imports
 the reactor, so it runs when this module is first imported (``kamal_proxy.app`` imports it
 first of all); once Twisted's TCP module is loaded, it does nothing.
+
+In the same window the standard library's own OpenSSL binding (``ssl``, ``_hashlib``: libcrypto
+and libssl, some 4.5 MiB of every process) is hidden too.  Twisted's core imports it only
+through modules the proxy never uses for TLS: ``asyncio`` (for ``Deferred.asFuture``), and
+``urllib.request`` with ``http.client`` (through ``http.cookiejar``).  Those come up without
+their TLS parts (a server process runs no asyncio loop, so it never misses asyncio's TLS
+transports); ``hashlib`` and ``hmac`` use the interpreter's built-in digests, which give
+the same results.  ``http.client`` and ``urllib.request`` are then forgotten, so whoever
+imports them later (prometheus_client, when metrics are on) gets them whole, and ``ssl``
+imports normally.
 """
 
 from __future__ import annotations
@@ -24,24 +34,35 @@ from typing import Any
 __all__ = ["import_twisted_without_tls", "lazy_module", "preload"]
 
 # Imported with pyOpenSSL hidden: the reactor's modules (not the reactor itself, which is
-# installed later by whoever runs it) and AMP.
+# installed later by whoever runs it), AMP, and twisted.web's interfaces (through twisted.cred,
+# the first importer of ``hmac``).
 _MODULES = (
     "twisted.internet.tcp",
     "twisted.internet.posixbase",
     "twisted.internet.epollreactor",
     "twisted.protocols.amp",
+    "twisted.web.iweb",
 )
+
+# Hidden while they load: pyOpenSSL, and the standard library's binding to OpenSSL.
+_HIDDEN = ("OpenSSL", "ssl", "_ssl", "_hashlib")
+
+# Loaded without TLS in that window, and loaded again, whole, by whoever imports them next.
+_FORGOTTEN = ("http.client", "urllib.request")
 
 
 def import_twisted_without_tls() -> bool:
-    """Import Twisted's TCP, reactor and AMP modules without their pyOpenSSL extras.
+    """Import Twisted's TCP, reactor and AMP modules without their pyOpenSSL extras, and
+    Twisted's core without the standard library's ``ssl``.
 
     Returns False (and does nothing) when it is too late: Twisted's TCP module or pyOpenSSL
-    is already loaded.
+    is already loaded.  A module of ``_HIDDEN`` that is loaded already stays as it is.
     """
     if "twisted.internet.tcp" in sys.modules or "OpenSSL" in sys.modules:
         return False
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # makes `import OpenSSL` fail
+    hidden = [name for name in _HIDDEN if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
     try:
         for name in _MODULES:
             try:
@@ -49,7 +70,11 @@ def import_twisted_without_tls() -> bool:
             except ImportError:  # e.g. no epoll on this platform
                 pass
     finally:
-        del sys.modules["OpenSSL"]
+        for name in hidden:
+            del sys.modules[name]
+        if "ssl" in hidden:
+            for name in _FORGOTTEN:
+                sys.modules.pop(name, None)
     return True
 
 
