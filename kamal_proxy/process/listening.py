@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from kamal_proxy.startup import BindError
 
@@ -157,62 +157,60 @@ class ListeningSockets:
     # -- the sockets of each role ------------------------------------------------------------
 
     def tcp(self, role: str, port: int, interface: str = "::") -> socket.socket:
-        sock = self._sockets.get(role)
-        if sock is None:
-            sock = self._claim(
-                role,
-                lambda s: (
-                    s.type == socket.SOCK_STREAM
-                    and s.family in (socket.AF_INET, socket.AF_INET6)
-                    and _listening(s)
-                    and (port == 0 or _bound_port(s) == port)
-                ),
-            )
-            if sock is None:
-                sock = bind_tcp(port, interface)
-            self._sockets[role] = sock
-        return sock
+        return self._socket(
+            role,
+            lambda s: (
+                s.type == socket.SOCK_STREAM
+                and s.family in (socket.AF_INET, socket.AF_INET6)
+                and _listening(s)
+                and (port == 0 or _bound_port(s) == port)
+            ),
+            lambda: bind_tcp(port, interface),
+        )
 
     def unix(self, role: str, path: str) -> socket.socket:
-        sock = self._sockets.get(role)
-        if sock is None:
-            sock = self._claim(
-                role,
-                lambda s: (
-                    s.family == socket.AF_UNIX
-                    and _listening(s)
-                    and s.getsockname() == path
-                    and _socket_file_exists(path)
-                ),
-            )
-            if sock is None:
-                sock = bind_unix(path)
-            self._sockets[role] = sock
-        return sock
+        return self._socket(
+            role,
+            lambda s: (
+                s.family == socket.AF_UNIX
+                and _listening(s)
+                and s.getsockname() == path
+                and _socket_file_exists(path)
+            ),
+            lambda: bind_unix(path),
+        )
 
     def udp(self, role: str, port: int, reuse_port: bool = False) -> socket.socket:
-        sock = self._sockets.get(role)
-        if sock is None:
-            sock = self._claim(
-                role,
-                lambda s: s.type == socket.SOCK_DGRAM and (port == 0 or _bound_port(s) == port),
-            )
-            if sock is None:
-                sock = bind_udp(port, reuse_port)
-            self._sockets[role] = sock
-        return sock
+        return self._socket(
+            role,
+            lambda s: s.type == socket.SOCK_DGRAM and (port == 0 or _bound_port(s) == port),
+            lambda: bind_udp(port, reuse_port),
+        )
 
-    def _claim(self, role: str, fits) -> socket.socket | None:
+    def _socket(
+        self,
+        role: str,
+        fits: Callable[[socket.socket], bool],
+        bind: Callable[[], socket.socket],
+    ) -> socket.socket:
+        """The socket of ``role``: the one held already, else the one handed over if it
+        ``fits`` (one that does not is closed), else a new one from ``bind``."""
+        sock = self._sockets.get(role)
+        if sock is not None:
+            return sock
         sock = self._inherited.pop(role, None)
+        if sock is not None:
+            try:
+                fitting = fits(sock)
+            except OSError:
+                fitting = False
+            if not fitting:
+                sock.close()
+                sock = None
         if sock is None:
-            return None
-        try:
-            if fits(sock):
-                return sock
-        except OSError:
-            pass
-        sock.close()
-        return None
+            sock = bind()
+        self._sockets[role] = sock
+        return sock
 
     # -- handing over, closing ---------------------------------------------------------------
 
