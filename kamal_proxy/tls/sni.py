@@ -12,8 +12,9 @@ connection is just a buffered socket in the reactor.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
     from kamal_proxy.tls.store import KeyAndChain
+
+_T = TypeVar("_T")
 
 ALPN = [b"h2", b"http/1.1"]
 #: How long a handshake waits for its certificate (on-demand check + issuance).
@@ -181,25 +184,23 @@ class CertificateSelector:
         return service.certificates, name
 
     def __call__(self, servername: bytes | None) -> SSL.Context | None:
-        found = self._source(servername.decode("ascii", "replace") if servername else None, False)
-        if found is None:
-            return None
-        source, name = found
-        try:
-            return source.context_for(name)
-        except Exception as e:  # noqa: BLE001 - a handshake failure, never a crash
-            debug("ACME: Unable to get certificate", host=name, error=str(e))
-            return None
+        name = servername.decode("ascii", "replace") if servername else None
+        return self._certificate(name, lambda source, name: source.context_for(name))
 
     def key_and_chain(self, server_name: str | None) -> KeyAndChain | None:
         """The same choice as ``__call__`` as keys and chain, for an HTTP/3 (QUIC) handshake:
         aioquic signs with ``cryptography`` keys, not with an OpenSSL context."""
+        return self._certificate(server_name, lambda source, name: source.key_and_chain(name))
+
+    def _certificate(self, server_name: str | None, form: Callable[[Any, str], _T]) -> _T | None:
+        """The certificate chosen for ``server_name``, in the ``form`` the handshake needs;
+        None when there is none or it cannot be loaded (a handshake failure, never a crash)."""
         found = self._source(server_name, False)
         if found is None:
             return None
         source, name = found
         try:
-            return source.key_and_chain(name)
+            return form(source, name)
         except Exception as e:  # noqa: BLE001 - a handshake failure, never a crash
             debug("ACME: Unable to get certificate", host=name, error=str(e))
             return None
