@@ -404,6 +404,16 @@ class ProxyProcess:
         self._join_readers()
         return code
 
+    def exit_status(self, timeout: float = PROCESS_TIMEOUT) -> int | None:
+        """The exit status if the process ends by itself within ``timeout``, else None; either
+        way it is then stopped (by PID) and its output read to the end."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.stop()
+        return code
+
     def _join_readers(self) -> None:
         for reader in self._readers:
             reader.join(5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 
 from tests.integration.support import (
     PROCESS_TIMEOUT,
@@ -174,11 +173,7 @@ class ShutdownTests(IntegrationTestCase):
         up.release(gate)
         resp = slow.result(15)
         self.assertEqual((resp.status, resp.text), (200, "first"))
-        try:
-            code = proxy.proc.wait(PROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        proxy.stop()
+        code = proxy.exit_status()
         self.assertEqual(code, 0, proxy.describe())
         self.assertTrue(proxy.logs("Server stopped"), proxy.describe())
         self.assertEqual(proxy.logs("Closing active connections"), [], proxy.describe())
@@ -191,11 +186,8 @@ class ControlSocketTests(IntegrationTestCase):
         second = ProxyProcess(env={"KAMAL_PROXY_SOCKET": first.socket_path})
         self.addCleanup(second.cleanup)
         second.start(wait_ready=False)
-        try:
-            code = second.proc.wait(PROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.fail("second kamal-proxy run on a live socket kept running")
-        second.stop()
+        code = second.exit_status()
+        self.assertIsNotNone(code, "second kamal-proxy run on a live socket kept running")
         self.assertEqual(code, 1, second.describe())
         errors = [line for line in second.stderr_lines if line.startswith("Error: ")]
         self.assertTrue(errors, second.describe())
@@ -265,11 +257,8 @@ class ControlSocketTests(IntegrationTestCase):
         proxy = ProxyProcess(http_port=port)
         self.addCleanup(proxy.cleanup)
         proxy.start(wait_ready=False)
-        try:
-            code = proxy.proc.wait(PROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.fail("kamal-proxy run kept running with its HTTP port taken")
-        proxy.stop()
+        code = proxy.exit_status()
+        self.assertIsNotNone(code, "kamal-proxy run kept running with its HTTP port taken")
         self.assertEqual(code, 1)
         errors = [line for line in proxy.stderr_lines if line.startswith("Error: ")]
         self.assertTrue(errors, proxy.describe())

@@ -20,24 +20,13 @@ from tests.integration.support import (
     PROCESS_TIMEOUT,
     IntegrationTestCase,
     ProxyProcess,
+    _stop_pid,
     eventually,
     http_request,
     port_open,
 )
 from tests.integration.test_twistd import TwistdProxyProcess
 from tests.integration.traffic_support import Background
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop one process we started, by its PID (SIGTERM, bounded wait, then SIGKILL)."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    proc.stdout.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -211,11 +200,7 @@ class WorkersTests(IntegrationTestCase):
         for call in slow:
             resp = call.result(PROCESS_TIMEOUT)
             self.assertEqual((resp.status, resp.text), (200, "drain"))
-        try:
-            code = proxy.proc.wait(PROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        proxy.stop()
+        code = proxy.exit_status()
         self.assertEqual(code, 0, proxy.describe())
         proxy.wait_for_log("Server stopped")
         self.assertEqual(proxy.logs("Closing active connections"), [], proxy.describe())
@@ -238,7 +223,8 @@ class WorkersTests(IntegrationTestCase):
             env=proxy.env,
             cwd=proxy.root,
         )
-        self.addCleanup(_stop, proc)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(_stop_pid, proc, signal.SIGTERM, 15)
         received = bytearray()
         reading = threading.Event()
 
