@@ -124,7 +124,7 @@ class ControlSocket(appservice.Service):
         try:
             self.sockets.unix("control", self.path)
         except BindError as e:
-            raise StartupError(f"listen unix {self.path}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
         if not self.deferred_accept:
             self.accept()
 
@@ -235,7 +235,7 @@ class Listener(appservice.Service):
         try:
             sock = self.sockets.tcp(self.role, self.requested_port)
         except BindError as e:
-            raise StartupError(f"listen tcp :{self.requested_port}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
         # TLS, when wanted, is inside the factory (it reads the ClientHello first).
         self.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
 
@@ -283,7 +283,7 @@ class ListeningSocket(appservice.Service):
         try:
             self.socket = self.sockets.tcp(self.role, self.requested_port)
         except BindError as e:
-            raise StartupError(f"listen tcp :{self.requested_port}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
 
     def stopService(self):
         super().stopService()
@@ -321,7 +321,7 @@ class DatagramSockets(appservice.Service):
                 self.sockets.udp(f"udp.{index}", self.requested_port, reuse_port=True)
         except BindError as e:
             self._close()
-            raise StartupError(f"listen udp :{self.requested_port}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
         self.opened = True
 
     def _close(self) -> None:
@@ -755,7 +755,7 @@ def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None
         try:
             sock = sockets.udp("udp.0", port)
         except BindError as e:
-            raise StartupError(f"listen udp :{port}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
         return os.dup(sock.fileno())
 
     Http3Listener(reactor, open_udp, port, server).setServiceParent(top)

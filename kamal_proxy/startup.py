@@ -27,6 +27,11 @@ def bind_reason(e: neterror.CannotListenError) -> str:
     code = getattr(err, "errno", None)
     if not isinstance(code, int) and getattr(err, "args", None):
         code = err.args[0]
+    return _reason(code, err)
+
+
+def _reason(code: object, err: object) -> str:
+    """Go's text for a socket error: its errno's, in lower case, or the error's own."""
     if code == errno.EADDRINUSE:
         return "address already in use"
     if isinstance(code, int):
@@ -46,9 +51,9 @@ class BindError(OSError):
 
     @property
     def reason(self) -> str:
-        code = self.cause.errno
-        if code == errno.EADDRINUSE:
-            return "address already in use"
-        if isinstance(code, int):
-            return os.strerror(code).lower()
-        return str(self.cause)
+        return _reason(self.cause.errno, self.cause)
+
+    @property
+    def message(self) -> str:
+        """The whole of Go's error: ``listen tcp :80: bind: address already in use``."""
+        return f"listen {self.kind} {self.address}: bind: {self.reason}"

@@ -384,7 +384,7 @@ class MetricsService(appservice.Service):
         try:
             sock = self.sockets.tcp("metrics", self.requested_port, self.interface)
         except BindError as e:
-            raise StartupError(f"listen tcp :{self.requested_port}: bind: {e.reason}") from None
+            raise StartupError(e.message) from None
         self.port = self.reactor.adoptStreamPort(
             sock.fileno(), sock.family, metrics_site(self.metrics, self.gather)
         )
