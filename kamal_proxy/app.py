@@ -582,6 +582,20 @@ class DataPlane:
         # TLS, when wanted, is inside the factory (it reads the ClientHello first).
         self.https_factory = tls.server_factory(self.https_site)
         self.sites = [self.http_site, self.https_site]
+        self.reactor = reactor
+        self.tls = tls
+
+    def http3(self, port: int, fd: int | Callable[[], int]) -> Any:
+        """``--http3``: an ``Http3Listener`` on the UDP socket ``fd`` (as the listener takes
+        it) at the HTTPS port, with the same certificates and pipeline; Alt-Svc on TCP."""
+        from kamal_proxy.proxy.http3 import Http3Server
+        from kamal_proxy.proxy.http3_bridge import Http3Bridge
+        from kamal_proxy.proxy.http3_listener import Http3Listener
+
+        self.https_site.advertise_http3(port)
+        bridge = Http3Bridge(self.https_resource, port)
+        server = Http3Server(self.reactor, self.tls.selector(), bridge)
+        return Http3Listener(self.reactor, fd, port, server)
 
 
 def load_deferred_modules() -> None:
@@ -686,7 +700,7 @@ def _single_process(options: RunOptions, reactor, top: ProxyService) -> None:
     http.setServiceParent(top)
     https.setServiceParent(top)
     if options.http3:
-        _add_http3(top, reactor, options.https_port, tls, plane.https_site, plane.https_resource)
+        _add_http3(top, plane, options.https_port)
     top.control = ControlSocket(reactor, paths.socket_path(), router, sockets)
     top.control.setServiceParent(top)
     Announce(reactor, http, https, successor=top.successor).setServiceParent(top)
@@ -741,14 +755,8 @@ def _main_process(options: RunOptions, reactor, top: ProxyService, preforked=Non
     )
 
 
-def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None:
-    """``--http3``: UDP on the HTTPS port, same certificates and pipeline; Alt-Svc on TCP."""
-    from kamal_proxy.proxy.http3 import Http3Server
-    from kamal_proxy.proxy.http3_bridge import Http3Bridge
-    from kamal_proxy.proxy.http3_listener import Http3Listener
-
-    https_site.advertise_http3(port)
-    server = Http3Server(reactor, tls.selector(), Http3Bridge(https_resource, port))
+def _add_http3(top, plane: DataPlane, port: int) -> None:
+    """``--http3`` in the serving process: the listener opens its UDP socket at start."""
     sockets = top.sockets
 
     def open_udp() -> int:
@@ -758,7 +766,7 @@ def _add_http3(top, reactor, port: int, tls, https_site, https_resource) -> None
             raise StartupError(e.message) from None
         return os.dup(sock.fileno())
 
-    Http3Listener(reactor, open_udp, port, server).setServiceParent(top)
+    plane.http3(port, open_udp).setServiceParent(top)
 
 
 class _Successor(appservice.Service):

@@ -76,23 +76,11 @@ class Worker:
         )
         self.ports: list[Any] = []
         self.fds = {HTTP_FD: self.plane.http_site, HTTPS_FD: self.plane.https_factory}
-        self.http3 = self._http3(config) if config.get("http3") else None
+        # HTTP/3 on this worker's inherited UDP socket.
+        self.http3 = self.plane.http3(config["https_port"], UDP_FD) if config.get("http3") else None
         self._stopping: defer.Deferred | None = None
         self._stopped = False
         self._stop_waiters: list[defer.Deferred] = []
-
-    def _http3(self, config: dict[str, Any]) -> Any:
-        """HTTP/3 as ``app._add_http3`` builds it, on this worker's inherited UDP socket."""
-        from kamal_proxy.proxy.http3 import Http3Server
-        from kamal_proxy.proxy.http3_bridge import Http3Bridge
-        from kamal_proxy.proxy.http3_listener import Http3Listener
-
-        port = config["https_port"]
-        self.plane.https_site.advertise_http3(port)
-        server = Http3Server(
-            self.reactor, self.tls.selector(), Http3Bridge(self.plane.https_resource, port)
-        )
-        return Http3Listener(self.reactor, UDP_FD, port, server)
 
     # -- start ---------------------------------------------------------------------------------
 
