@@ -43,6 +43,7 @@ from kamal_proxy.proxy.http1 import (
     error_response,
     find_head_end,
     parse_request_head,
+    response_status_line,
     too_many_lines,
 )
 from kamal_proxy.proxy.sockets import idle, send_now, send_parts
@@ -350,7 +351,7 @@ class HTTP1Request(RequestHead):
         conn = self.conn
         if close:
             conn._persistent = False
-        parts = [self._status_line(status, reason)]
+        parts = [response_status_line(self.http11, status, reason)]
         _head_lines(parts, headers)
         if conn.site.alt_svc is not None:
             parts += (b"Alt-Svc: ", conn.site.alt_svc, b"\r\n")
@@ -380,7 +381,7 @@ class HTTP1Request(RequestHead):
         if self.started or self.finished:
             return
         conn = self.conn
-        parts = [self._status_line(status, reason)]
+        parts = [response_status_line(self.http11, status, reason)]
         _head_lines(parts, headers)
         if conn.site.alt_svc is not None:
             parts += (b"Alt-Svc: ", conn.site.alt_svc, b"\r\n")
@@ -400,11 +401,6 @@ class HTTP1Request(RequestHead):
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
         conn._pending_head = b"".join(parts)
-
-    def _status_line(self, status: int, reason: bytes | None) -> bytes:
-        if reason is None:
-            reason = REASONS.get(status, b"")
-        return b"%s %d %s\r\n" % (b"HTTP/1.1" if self.http11 else b"HTTP/1.0", status, reason)
 
     def write(self, data: bytes) -> None:
         if self.finished or not data or self._no_body:
