@@ -15,6 +15,15 @@ from kamal_proxy.observe.log import JsonLog, format_time, header_log_key
 NS = 1_700_000_000_123_400_000
 
 
+# The request line's keys that SPEC §17.2 types as numbers.
+INT_KEYS = {"port", "status", "duration", "req_content_length", "resp_content_length"}
+
+
+def request_values(**given: object) -> tuple:
+    """``request_line``'s values: ``given`` ones, the others empty (0 or "")."""
+    return tuple(given.get(key, 0 if key in INT_KEYS else "") for key in log.REQUEST_KEYS)
+
+
 def lines(stream: io.StringIO) -> list[str]:
     return stream.getvalue().splitlines()
 
@@ -138,7 +147,7 @@ class RequestLineTests(unittest.TestCase):
         stream = io.StringIO()
         log.set_active(JsonLog(stream))
         self.addCleanup(log.set_active, None)
-        log.log_request({"status": 499})
+        log.log_request_line(NS, request_values(status=499))
         self.assertEqual(json.loads(stream.getvalue())["status"], 499)
 
 
@@ -166,16 +175,22 @@ class ObserverTests(unittest.TestCase):
         self.assertIn("Unhandled error", err.getvalue())
 
 
-class RequestInOrderTests(unittest.TestCase):
+class RequestLineFormsTests(unittest.TestCase):
+    """The proxy's hot path (``request_line``, a tuple) writes what ``request`` (a dict) does."""
+
     def test_same_line_as_request(self):
         from kamal_proxy.observe.log import REQUEST_KEYS, JsonLog
 
-        fields = {key: i for i, key in enumerate(REQUEST_KEYS)}
-        fields["req_x_custom"] = "hello"
+        fields = {
+            key: i if key in INT_KEYS else f'{key} "q" \\ \u2028 é <&>'
+            for i, key in enumerate(REQUEST_KEYS)
+        }
+        extra = [("req_x_custom", "hello"), ("resp_content_type", "text/html")]
         one, two = io.StringIO(), io.StringIO()
-        JsonLog(one, clock=lambda: 0).request(fields)
-        JsonLog(two, clock=lambda: 0).request_in_order(fields)
+        JsonLog(one, clock=lambda: NS).request(fields, extra)
+        JsonLog(two).request_line(NS, tuple(fields.values()), extra)
         self.assertEqual(one.getvalue(), two.getvalue())
+        self.assertIn("\\u2028", two.getvalue())
 
 
 class TextTests(unittest.TestCase):
@@ -240,7 +255,7 @@ class TextTests(unittest.TestCase):
         events = self.capture()
         text_log = log.TextLog()
         text_log.request({"host": "app.test", "status": 200, "path": "/a b"})
-        text_log.request_in_order({key: "" for key in log.REQUEST_KEYS})
+        text_log.request({key: "" for key in log.REQUEST_KEYS})
         [one, two] = self.texts(events)
         self.assertTrue(one.startswith('Request: host=app.test port="" path="/a b" '), one)
         self.assertIn(" status=200 ", one)

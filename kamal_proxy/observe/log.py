@@ -3,7 +3,7 @@
 Ordinary messages go through ``twisted.logger`` (``emit``/``info``/...), so tests and tools can
 observe them; the observer installed by ``start_logging`` writes ours as JSON and sends nothing
 else to stdout (library errors and tracebacks go to stderr, Twisted's chatter is dropped).
-The request log line is on the hot path and is written directly by ``log_request``.
+The request log line is on the hot path and is written directly by ``log_request_line``.
 
 Under twistd's own text log (``twistd kamal-proxy`` without ``--logger``), every event reads
 as a sentence with its fields (``Target health updated: target=web:3000 state=healthy``,
@@ -41,7 +41,6 @@ __all__ = [
     "header_log_key",
     "info",
     "format_request_line",
-    "log_request",
     "log_request_line",
     "relay",
     "set_debug",
@@ -259,7 +258,9 @@ class JsonLog:
         self._write(_go_safe("".join(parts)))
 
     def request(self, fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:
-        """The §17.2 request line: the built-in keys in spec order, then ``extra``."""
+        """The §17.2 request line from a dict: the built-in keys in spec order (missing ones
+        log ``""``), then the dict's other keys, then ``extra``.  The proxy writes the same
+        bytes from a tuple with ``request_line``; this is the readable form of it."""
         if self.min_rank > 1:
             return
         get = fields.get
@@ -288,15 +289,6 @@ class JsonLog:
         if self.min_rank > 1:
             return
         self._queue(format_request_line(now_ns, values, extra))
-
-    def request_in_order(self, fields: dict[str, Any]) -> None:
-        """``request`` for callers that build ``fields`` with every key of ``REQUEST_KEYS``
-        first and in that order (the proxy's hot path): no per-key copying."""
-        if self.min_rank > 1:
-            return
-        record = {"time": format_time(self.clock()), "level": "INFO", "msg": "Request"}
-        record.update(fields)
-        self._queue(_go_safe(_dumps(record) + "\n"))
 
     def _queue(self, text: str) -> None:
         if self._call_soon is None:
@@ -529,7 +521,7 @@ def active() -> JsonLog | None:
 
 
 def set_active(log: JsonLog | None) -> None:
-    """Route ``log_request`` to ``log`` without touching Twisted's global observers (tests)."""
+    """Route ``log_request_line`` to ``log`` without touching Twisted's global observers (tests)."""
     global _active
     _active = log
 
@@ -574,23 +566,3 @@ def log_request_line(
     log = _active
     if log is not None:
         log.request_line(now_ns, values, extra)
-
-
-def log_request_in_order(fields: dict[str, Any]) -> None:
-    """``log_request`` for ``fields`` built in ``REQUEST_KEYS`` order (see ``request_in_order``)."""
-    log = _active
-    if log is not None:
-        log.request_in_order(fields)
-
-
-def log_request(fields: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> None:
-    """Write the request log line (SPEC §17.2); a no-op before ``start_logging``.
-
-    ``fields`` holds the built-in keys (missing ones log ``""``) and may hold more keys (the
-    ``req_*``/``resp_*`` header keys), written after the built-in ones in insertion order;
-    ``extra`` lists further (key, value) pairs written last, which may repeat a built-in key
-    (Go writes ``--log-response-header content-type`` twice).
-    """
-    log = _active
-    if log is not None:
-        log.request(fields, extra)
