@@ -23,9 +23,9 @@ from kamal_proxy.proxy.channel import (
     BODY_BUFFER_LIMIT,
     ClientGone,
     MalformedBody,
-    StreamingRequest,
     make_site,
 )
+from kamal_proxy.proxy.webrequest import StreamingRequest
 from tests.strategies import header_names, header_values
 
 

@@ -9,9 +9,9 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from kamal_proxy.proxy.alt_svc import alt_svc_request, alt_svc_value
-from kamal_proxy.proxy.channel import StreamingRequest
 from kamal_proxy.proxy.http3 import RequestAborted
 from kamal_proxy.proxy.http3_bridge import Http3Bridge
+from kamal_proxy.proxy.webrequest import StreamingRequest
 
 
 class FakeStream:

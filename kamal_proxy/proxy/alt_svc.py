@@ -9,7 +9,7 @@ are made by other request classes and never carry it.
 
 from __future__ import annotations
 
-from kamal_proxy.proxy.channel import StreamingRequest
+from kamal_proxy.proxy.webrequest import StreamingRequest
 
 #: Thirty days, as the Go original (quic-go's ``http3.Server.SetQUICHeaders``).
 MAX_AGE = 2592000

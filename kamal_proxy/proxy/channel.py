@@ -1157,13 +1157,3 @@ class ProxySite(Factory):
 def make_site(resource: Any, reactor: Any = None) -> ProxySite:
     """The factory for the HTTP and HTTPS listeners: ``resource`` serves every request."""
     return ProxySite(resource, reactor=reactor)
-
-
-def __getattr__(name: str) -> Any:
-    # The twisted.web request class lives with the twisted.web adapters; importing it here
-    # eagerly would load twisted.web.http (and h2) in every process.
-    if name == "StreamingRequest":
-        from kamal_proxy.proxy.webrequest import StreamingRequest
-
-        return StreamingRequest
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

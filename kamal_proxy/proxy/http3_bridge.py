@@ -26,8 +26,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
-from kamal_proxy.proxy.channel import StreamingRequest
 from kamal_proxy.proxy.http3 import H3Request, RequestAborted
+from kamal_proxy.proxy.webrequest import StreamingRequest
 
 #: Fields HTTP/3 forbids in a message (RFC 9114 §4.2); the pipeline may set some of them.
 CONNECTION_SPECIFIC = frozenset(

@@ -70,7 +70,3 @@ def send_parts(t: Any, parts: list[bytes]) -> None:
         t.write(data)
         return
     t.writeSequence(parts)
-
-
-# The name the rest of the tree used before send_parts existed.
-write_now = send_now
