@@ -303,6 +303,8 @@ class QuicSession:
         self._closing = False
         #: the client's address, as of its latest datagram
         self.peer: Any = None
+        #: the connection IDs the endpoint routes to this connection
+        self.cids: set[bytes] = set()
         self._call: IDelayedCall | None = None
         self._call_at = 0.0
 
@@ -451,14 +453,20 @@ class QuicEndpoint(DatagramProtocol):
 
     def register(self, cid: bytes, session: QuicSession) -> None:
         self.sessions[cid] = session
+        session.cids.add(cid)
 
     def unregister(self, cid: bytes, session: QuicSession) -> None:
+        session.cids.discard(cid)
         if self.sessions.get(cid) is session:
             del self.sessions[cid]
 
     def forget(self, session: QuicSession) -> None:
-        for cid in [cid for cid, s in self.sessions.items() if s is session]:
-            del self.sessions[cid]
+        """Route nothing more to ``session`` (it ended): its own IDs, not the whole table."""
+        sessions = self.sessions
+        for cid in session.cids:
+            if sessions.get(cid) is session:
+                del sessions[cid]
+        session.cids.clear()
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         try:
