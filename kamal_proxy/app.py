@@ -595,7 +595,7 @@ class DataPlane:
         self.https_site.advertise_http3(port)
         bridge = Http3Bridge(self.https_resource, port)
         server = Http3Server(self.reactor, self.tls.selector(), bridge)
-        return Http3Listener(self.reactor, fd, port, server)
+        return Http3Listener(self.reactor, fd, server)
 
 
 def load_deferred_modules() -> None:

@@ -37,20 +37,14 @@ class Http3Listener(service.Service):
         self,
         reactor: Any,
         fd: int | Callable[[], int],
-        port: int,
         server: Http3Server,
         deadline: float = STOP_DEADLINE,
     ) -> None:
         self.reactor = reactor
         self.fd = fd
-        self.requested_port = port
         self.server = server
         self.deadline = deadline
         self.port: Any = None
-
-    @property
-    def bound_port(self) -> int:
-        return self.port.getHost().port
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
