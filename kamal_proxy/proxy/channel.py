@@ -58,6 +58,7 @@ __all__ = [
     "ProxySite",
     "RequestBody",
     "UNKNOWN_LENGTH",
+    "host_and_port",
     "http_date",
     "make_site",
 ]
@@ -94,6 +95,16 @@ _DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
 _MONTHS = (b"", b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun")
 _MONTHS += (b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 _date_cache: list[Any] = [0, b""]
+
+
+def host_and_port(address: Any) -> tuple[str, str]:
+    """A client's address as the request log and ``X-Forwarded-For`` give it: an IPv4-mapped
+    IPv6 host as the IPv4 one, the port as text (``""`` when there is none)."""
+    host = getattr(address, "host", None) or ""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    port = getattr(address, "port", None)
+    return host, "" if port is None else str(port)
 
 
 def http_date(seconds: float | None = None) -> bytes:
@@ -616,12 +627,7 @@ class HTTP1Channel(Protocol):
     def peer_address(self) -> tuple[str, str]:
         peer = self._peer
         if peer is None:
-            address = self.transport.getPeer()
-            host = getattr(address, "host", None) or ""
-            if host.startswith("::ffff:") and "." in host:
-                host = host[7:]
-            port = getattr(address, "port", None)
-            peer = self._peer = (host, "" if port is None else str(port))
+            peer = self._peer = host_and_port(self.transport.getPeer())
         return peer
 
     def is_secure(self) -> bool:

@@ -23,9 +23,9 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
+from kamal_proxy.proxy.channel import http_date
 from kamal_proxy.proxy.http3 import H3Request, RequestAborted
 from kamal_proxy.proxy.webrequest import StreamingRequest
 
@@ -42,55 +42,25 @@ def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     return IPv4Address("UDP", host, port)
 
 
-class _StreamTransport:
-    """``request.transport`` of an HTTP/3 request: aborting it resets the stream only."""
+class StreamChannel:
+    """The twisted.web channel of one HTTP/3 request (the role ``H2Stream`` plays for h2)."""
 
+    site = None
+    factory = None
     disconnecting = False
 
-    def __init__(self, stream: H3Request, peer: Any, host: Any) -> None:
+    def __init__(self, stream: H3Request, host: Any) -> None:
         self.stream = stream
-        self.peer = peer
+        self.peer = _address(*stream.peer)
         self.host = host
+        # Its own transport too: aborting the "connection" resets this request's stream only.
+        self.transport = self
 
     def getPeer(self) -> Any:
         return self.peer
 
     def getHost(self) -> Any:
         return self.host
-
-    def abortConnection(self) -> None:
-        self.stream.abort()
-
-    loseConnection = abortConnection
-
-    def write(self, data: bytes) -> None:
-        self.stream.data(data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.stream.data(b"".join(data))
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.stream.register_producer(producer)
-
-    def unregisterProducer(self) -> None:
-        self.stream.unregister_producer()
-
-
-class StreamChannel:
-    """The twisted.web channel of one HTTP/3 request (the role ``H2Stream`` plays for h2)."""
-
-    site = None
-    factory = None
-
-    def __init__(self, stream: H3Request, host: Any) -> None:
-        self.stream = stream
-        self.transport = _StreamTransport(stream, _address(*stream.peer), host)
-
-    def getPeer(self) -> Any:
-        return self.transport.peer
-
-    def getHost(self) -> Any:
-        return self.transport.host
 
     def isSecure(self) -> bool:
         return True
@@ -107,7 +77,7 @@ class StreamChannel:
             for value in values:
                 fields.append((lower, value))
         if not has_date:
-            fields.append((b"date", datetimeToString()))
+            fields.append((b"date", http_date()))
         self.stream.start(int(code), fields)
 
     def write(self, data: bytes) -> None:
@@ -125,8 +95,10 @@ class StreamChannel:
     def unregisterProducer(self) -> None:
         self.stream.unregister_producer()
 
-    def loseConnection(self) -> None:
+    def abortConnection(self) -> None:
         self.stream.abort()
+
+    loseConnection = abortConnection
 
 
 class Http3Bridge:

@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from kamal_proxy.proxy.channel import HTTP1Request, http_date
+from kamal_proxy.proxy.channel import HTTP1Request, host_and_port, http_date
 from kamal_proxy.proxy.http1 import canonical_name
 
 __all__ = [
@@ -329,12 +329,7 @@ class WebRequest:
         web.notifyFinish().addErrback(self._gone)
 
     def client_address(self) -> tuple[str, str]:
-        peer = self.web.getClientAddress()
-        host = getattr(peer, "host", None) or ""
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        port = getattr(peer, "port", None)
-        return host, "" if port is None else str(port)
+        return host_and_port(self.web.getClientAddress())
 
     def _gone(self, _: Failure) -> None:
         if not self.finished:
