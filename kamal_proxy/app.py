@@ -535,8 +535,7 @@ def health_check(reactor, address: str, config, report):
     reports ``(ok, reason)`` so that a deploy can show why its targets are not healthy yet."""
     from kamal_proxy.health.checker import HealthCheck
 
-    check = HealthCheck(reactor, address, config, lambda ok: report(ok, check.last_error))
-    return check
+    return HealthCheck(reactor, address, config, report)
 
 
 def setup_service(service, tls=None) -> None:

@@ -178,7 +178,9 @@ class RealCheckTests(unittest.TestCase):
     def checker(self, path: str, timeout: int = SECOND, host: str = "", address: str = "") -> Any:
         config = HealthCheckConfig(path=path, interval=SECOND, timeout=timeout, host=host)
         results: list[bool] = []
-        check = HealthCheck(reactor, address or self.backend.address, config, results.append)
+        check = HealthCheck(
+            reactor, address or self.backend.address, config, lambda ok, _reason: results.append(ok)
+        )
         self.addCleanup(check.close)
         return check
 
@@ -287,7 +289,7 @@ class RealCheckTests(unittest.TestCase):
         clock = task.Clock()
         config = HealthCheckConfig(path="/slow", interval=SECOND, timeout=50 * MILLISECOND)
         address = self.backend.address
-        check = HealthCheck(clock, address, config, lambda ok: None, connector=reactor)
+        check = HealthCheck(clock, address, config, lambda ok, _reason: None, connector=reactor)
         self.addCleanup(check.close)
         result = defer.ensureDeferred(check.check())
         for _ in range(1000):
@@ -318,7 +320,7 @@ class RealCheckTests(unittest.TestCase):
         results: list[bool] = []
         done: defer.Deferred[None] = defer.Deferred()
 
-        def report(ok: bool) -> None:
+        def report(ok: bool, _reason: str | None) -> None:
             results.append(ok)
             if len(results) == 3:
                 done.callback(None)
@@ -380,7 +382,13 @@ class ScheduleTests(unittest.TestCase):
 
     def make(self, interval: int = SECOND, timeout: int = 5 * SECOND, **kw: Any) -> HealthCheck:
         config = HealthCheckConfig(path="/up", interval=interval, timeout=timeout, **kw)
-        check = HealthCheck(self.clock, "web:3000", config, self.results.append, agent=self.agent)
+        check = HealthCheck(
+            self.clock,
+            "web:3000",
+            config,
+            lambda ok, _reason: self.results.append(ok),
+            agent=self.agent,
+        )
         self.addCleanup(check.close)
         return check
 
@@ -540,7 +548,9 @@ class ProxyEnvironmentTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         env = {"HTTP_PROXY": f"http://127.0.0.1:{port.getHost().port}"}
         self.patch(os, "environ", env)
-        check = HealthCheck(reactor, "web-1.invalid:3000", HealthCheckConfig(), lambda ok: None)
+        check = HealthCheck(
+            reactor, "web-1.invalid:3000", HealthCheckConfig(), lambda ok, _reason: None
+        )
         d = defer.ensureDeferred(check.check())
 
         def checked(result):

@@ -161,17 +161,15 @@ def http_get(reactor, url: str, host: bytes | None) -> defer.Deferred[tuple[int,
 
 
 class HealthCheck:
-    """Checks one target on a fixed schedule and reports each result to ``report(ok)``."""
-
-    #: Why the check just reported failed (None when it passed), for a deploy's progress.
-    last_error: str | None = None
+    """Checks one target on a fixed schedule and reports each result to
+    ``report(ok, reason)``: why it failed (None when it passed), for a deploy's progress."""
 
     def __init__(
         self,
         reactor: IReactorTime,
         address: str,
         config: HealthCheckConfig,
-        report: Callable[[bool], None],
+        report: Callable[[bool, str | None], None],
         agent: Any = None,
         connector: Any = None,
     ) -> None:
@@ -215,10 +213,10 @@ class HealthCheck:
             if self._closed:
                 return
             if result is None or isinstance(result, str):
-                self.last_error = result
+                reason = result
             else:
-                self.last_error = getattr(result, "getErrorMessage", lambda: str(result))()
-            self._report(result is None)
+                reason = getattr(result, "getErrorMessage", lambda: str(result))()
+            self._report(result is None, reason)
 
         d.addBoth(finished)
 
