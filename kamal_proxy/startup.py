@@ -10,33 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the base layer loads no Twisted, as the CLI reads from it
-    from twisted.internet import error as neterror
 
 
 class StartupError(Exception):
     """Printed as ``Error: <message>`` by ``run``; the process exits 1."""
-
-
-def bind_reason(e: neterror.CannotListenError) -> str:
-    """The end of Go's ``listen tcp :80: bind: <reason>``: ``address already in use``, or the
-    system's text for the error in lower case (``permission denied``)."""
-    err = e.socketError
-    code = getattr(err, "errno", None)
-    if not isinstance(code, int) and getattr(err, "args", None):
-        code = err.args[0]
-    return _reason(code, err)
-
-
-def _reason(code: object, err: object) -> str:
-    """Go's text for a socket error: its errno's, in lower case, or the error's own."""
-    if code == errno.EADDRINUSE:
-        return "address already in use"
-    if isinstance(code, int):
-        return os.strerror(code).lower()
-    return str(err)
 
 
 class BindError(OSError):
@@ -51,7 +28,13 @@ class BindError(OSError):
 
     @property
     def reason(self) -> str:
-        return _reason(self.cause.errno, self.cause)
+        """Go's text for the error: its errno's, in lower case, or the error's own."""
+        code = self.cause.errno
+        if code == errno.EADDRINUSE:
+            return "address already in use"
+        if isinstance(code, int):
+            return os.strerror(code).lower()
+        return str(self.cause)
 
     @property
     def message(self) -> str:

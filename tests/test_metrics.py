@@ -20,6 +20,7 @@ from kamal_proxy.observe.metrics import (
     MetricsService,
     method_label,
 )
+from kamal_proxy.process.listening import ListeningSockets
 from kamal_proxy.startup import StartupError
 
 LABELS = ("service", "method", "status")
@@ -200,7 +201,9 @@ class MetricsServiceTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
     def start(self, metrics: Metrics, port: int = 0) -> MetricsService:
-        svc = MetricsService(reactor, port, metrics, interface="127.0.0.1")
+        svc = MetricsService(
+            reactor, port, metrics, interface="127.0.0.1", sockets=ListeningSockets()
+        )
         svc.startService()
         self.addCleanup(svc.stopService)
         return svc
@@ -244,7 +247,9 @@ class MetricsServiceTests(unittest.TestCase):
     def test_listen_failure(self):
         first = self.start(Metrics())
         port = first.bound_port
-        second = MetricsService(reactor, port, Metrics(), interface="127.0.0.1")
+        second = MetricsService(
+            reactor, port, Metrics(), interface="127.0.0.1", sockets=ListeningSockets()
+        )
         e = self.assertRaises(StartupError, second.startService)
         self.assertEqual(str(e), f"listen tcp :{port}: bind: address already in use")
         self.assertFalse(second.running)
@@ -253,7 +258,7 @@ class MetricsServiceTests(unittest.TestCase):
     @inlineCallbacks
     def test_default_listener_is_dual_stack(self):
         m = Metrics()
-        svc = MetricsService(reactor, 0, m)
+        svc = MetricsService(reactor, 0, m, sockets=ListeningSockets())
         svc.startService()
         self.addCleanup(svc.stopService)
         self.assertEqual(svc.port.getHost().host, "::")

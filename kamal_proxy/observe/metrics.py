@@ -25,11 +25,10 @@ from prometheus_client.metrics_core import (
 )
 from twisted.application import service as appservice
 from twisted.internet import defer
-from twisted.internet import error as neterror
 from twisted.web import resource, server
 
 from kamal_proxy.observe.events import error, info
-from kamal_proxy.startup import BindError, StartupError, bind_reason
+from kamal_proxy.startup import BindError, StartupError
 
 __all__ = [
     "BUCKETS",
@@ -337,9 +336,9 @@ class MetricsService(appservice.Service):
         port: int,
         metrics: Metrics,
         *,
+        sockets: Any,
         interface: str = "::",
         gather: Gather | None = None,
-        sockets: Any = None,
     ) -> None:
         self.reactor = reactor
         self.requested_port = port
@@ -366,21 +365,6 @@ class MetricsService(appservice.Service):
         info("Metrics enabled", address=f":{self.requested_port}")
 
     def _listen(self) -> None:
-        if self.sockets is not None:
-            self._adopt()
-            return
-        try:
-            self.port = self.reactor.listenTCP(
-                self.requested_port,
-                metrics_site(self.metrics, self.gather),
-                interface=self.interface,
-            )
-        except neterror.CannotListenError as e:
-            raise StartupError(
-                f"listen tcp :{self.requested_port}: bind: {bind_reason(e)}"
-            ) from None
-
-    def _adopt(self) -> None:
         try:
             sock = self.sockets.tcp("metrics", self.requested_port, self.interface)
         except BindError as e:
@@ -394,6 +378,5 @@ class MetricsService(appservice.Service):
         port, self.port = self.port, None
         if port is None:
             return None
-        if self.sockets is not None:
-            self.sockets.close("metrics")
+        self.sockets.close("metrics")
         return defer.maybeDeferred(port.stopListening)
