@@ -662,8 +662,6 @@ def make_service(
     RestoreState(router, options.state_path).setServiceParent(top)
     # After the restore (certificates of restored services are known), before the listeners.
     tls.acme.setServiceParent(top)
-    if options.workers < 1:  # 0 (or less) asks for the default: one per usable CPU
-        options.workers = paths.default_workers()
     if options.workers > 1:
         _main_process(options, reactor, top, preforked)
     else:
@@ -830,8 +828,6 @@ def _add_upgrades(top: ProxyService, reactor, relaunch) -> None:
 def run_server(options: RunOptions, sockets: ListeningSockets | None = None) -> int:
     """``kamal-proxy run``: start, serve until SIGTERM/SIGINT, then exit the process (0);
     returns 1 if the server cannot start (after printing ``Error: <why>``)."""
-    if options.workers < 1:
-        options.workers = paths.default_workers()
     preforked = []
     if options.workers > 1:
         # Before anything installs the reactor: the first workers are forked children (with

@@ -32,8 +32,13 @@ class RunOptions:
     # ACME directory and CA bundle overrides (issue: TLS); empty means per-service/default.
     acme_directory: str = ""
     acme_ca_bundle: str = ""
-    # Processes serving traffic; 1 keeps everything in this one process.
+    # Processes serving traffic; 1 keeps everything in this one process, 0 (or less) asks
+    # for the default: one per usable CPU.
     workers: int = field(default_factory=default_workers)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            self.workers = default_workers()
 
 
 def env_lookup(key: str, environ: Mapping[str, str] | None = None) -> str | None:

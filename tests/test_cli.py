@@ -718,6 +718,16 @@ class RunCommandTests(CLITestCase):
         self.assertEqual(result.exit_code, 0)
         self.assertEqual(self.started, [RunOptions()])
 
+    def test_workers_zero_means_one_per_usable_cpu(self):
+        from kamal_proxy.options import default_workers
+
+        self.cli("run", "--workers", "0")
+        self.cli("run", KAMAL_PROXY_WORKERS="0")
+        self.cli("run", "--workers", "3")
+        self.assertEqual(
+            [options.workers for options in self.started], [default_workers()] * 2 + [3]
+        )
+
     def test_flags(self):
         self.cli(
             "run",
