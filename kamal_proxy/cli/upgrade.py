@@ -11,8 +11,8 @@ from __future__ import annotations
 from kamal_proxy.cli.command import CobraCommand, Invocation, Spec, no_args
 from kamal_proxy.cli.flags import DURATION, Flag
 
-#: How long the old process may finish its requests and WebSocket tunnels (30 s).
-DEFAULT_DRAIN_TIMEOUT = 30_000_000_000
+# How long the old process may finish its requests and WebSocket tunnels: 30 s, as a deploy's.
+from kamal_proxy.service_options import DEFAULT_DRAIN_TIMEOUT
 
 
 def _run_upgrade(inv: Invocation) -> None:

@@ -53,6 +53,7 @@ from kamal_proxy.process.handover import (
     handover_environment,
 )
 from kamal_proxy.process.relaunch import Relaunch
+from kamal_proxy.service_options import DEFAULT_DRAIN_TIMEOUT  # a deploy's too
 
 #: The new process must serve within this many seconds.
 START_TIMEOUT = 30.0
@@ -64,8 +65,6 @@ ACME_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 #: Bytes of the new process's stderr kept for the reason of a failed start.
 STDERR_TAIL = 8192
-#: Default bound of the old process's drain (nanoseconds, as the control commands count).
-DEFAULT_DRAIN_TIMEOUT = 30_000_000_000
 
 
 class UpgradeError(CommandFailed):
