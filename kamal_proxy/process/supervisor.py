@@ -169,7 +169,6 @@ class WorkerPool(appservice.Service):
             "metrics": bool(options.metrics_port),
             "debug": options.debug,
             "acme_directory": options.acme_directory,
-            "family": int(http.family),
             "parent": os.getpid(),
             "http3": udp is not None,
         }
@@ -273,7 +272,8 @@ class WorkerPool(appservice.Service):
         }
         if self.udp is not None:
             fds[UDP_FD] = self.udp.fileno(index)
-        config = {**self.config, "index": index}
+        # The address family of the sockets, known once they are open (not at construction).
+        config = {**self.config, "index": index, "family": int(self.http.family)}
         try:
             worker.process = None
             # A forked child takes descriptors only (not pipes to read, as under twistd).
