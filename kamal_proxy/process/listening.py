@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 from kamal_proxy.startup import BindError
 
@@ -217,9 +217,6 @@ class ListeningSockets:
     def fds(self) -> dict[str, int]:
         """Role -> descriptor of every socket held now (for the next process)."""
         return {role: sock.fileno() for role, sock in self._sockets.items()}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._sockets)
 
     def inherited(self, role: str) -> bool:
         """A socket of ``role`` was handed over and not claimed yet."""

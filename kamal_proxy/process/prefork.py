@@ -30,6 +30,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from kamal_proxy.process import notify
+
 #: Bytes of the configuration message (JSON), far more than it needs.
 MAX_CONFIG = 65536
 MAX_FDS = 16
@@ -119,7 +121,7 @@ def _become_worker(channel: socket.socket) -> int:
         return 0
     start = json.loads(message)
     _place(dict(zip(start["targets"], fds, strict=True)))
-    os.environ.pop("NOTIFY_SOCKET", None)  # only the main process speaks for the service
+    os.environ.pop(notify.ENV, None)  # only the main process speaks for the service
     from kamal_proxy.process.worker import main
 
     return main([sys.executable, json.dumps(start["config"])]) or 0
