@@ -52,11 +52,9 @@ class Options(usage.Options):
         super().__init__()
         from kamal_proxy.cli.run import run_defaults
 
+        flags = {flag[0] for flag in self.optFlags}
         for name, value in run_defaults().items():
-            if name in ("debug", "http3"):
-                self[name] = bool(value)
-            else:
-                self[name] = value
+            self[name] = bool(value) if name in flags else value
 
     def opt_debug(self) -> None:
         self["debug"] = True
@@ -71,18 +69,8 @@ class Options(usage.Options):
 
     def as_args(self) -> list[str]:
         """These options as flags (every value explicit), for the process an upgrade starts."""
-        args = [
-            f"--{name}={self[name]}"
-            for name in (
-                "http-port",
-                "https-port",
-                "metrics-port",
-                "workers",
-                "acme-directory",
-                "acme-ca-bundle",
-            )
-        ]
-        args += [f"--{name}" for name in ("debug", "http3") if self[name]]
+        args = [f"--{parameter[0]}={self[parameter[0]]}" for parameter in self.optParameters]
+        args += [f"--{flag[0]}" for flag in self.optFlags if self[flag[0]]]
         return args
 
     def relaunch(self) -> Any:
