@@ -508,14 +508,13 @@ class Http3Server:
         reactor: IReactorTime,
         certificates: CertificateSource,
         handler: Handler,
-        **endpoint_options: Any,
     ) -> None:
         self.reactor = reactor
         self.handler = handler
         self.sessions: set[Http3Session] = set()
         self.draining = False
         self._idle: list[defer.Deferred[None]] = []
-        self.endpoint = QuicEndpoint(reactor, certificates, self._session, **endpoint_options)
+        self.endpoint = QuicEndpoint(reactor, certificates, self._session)
 
     def _session(self, endpoint: QuicEndpoint, quic: FlowControlledConnection) -> Http3Session:
         session = Http3Session(endpoint, quic, self)

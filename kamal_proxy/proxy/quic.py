@@ -58,6 +58,8 @@ from twisted.python.failure import Failure
 
 from kamal_proxy.tls.store import KeyAndChain
 
+#: The one application protocol served.
+ALPN = ["h3"]
 #: Length of the connection IDs this server issues (aioquic's default).
 CID_LENGTH = 8
 #: Request body bytes held per stream before the client must wait for credit.
@@ -107,16 +109,8 @@ class FlowControlledConnection(QuicConnection):
     the duration of the call; the limit it then writes out is ours.
     """
 
-    def __init__(
-        self,
-        *,
-        stream_window: int = STREAM_WINDOW,
-        connection_window: int = CONNECTION_WINDOW,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.stream_window = stream_window
-        self.connection_window = connection_window
         self._held: dict[int, int] = {}
         self._held_total = 0
 
@@ -147,7 +141,7 @@ class FlowControlledConnection(QuicConnection):
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         limit = self._local_max_data
-        want = limit.used - self._held_total + self.connection_window
+        want = limit.used - self._held_total + CONNECTION_WINDOW
         if want > limit.value:
             limit.value = want
         used, limit.used = limit.used, 0
@@ -162,7 +156,7 @@ class FlowControlledConnection(QuicConnection):
             return
         receiver = stream.receiver
         highest = receiver.highest_offset
-        want = highest - self._held.get(stream.stream_id, 0) + self.stream_window
+        want = highest - self._held.get(stream.stream_id, 0) + STREAM_WINDOW
         if want > stream.max_stream_data_local:
             stream.max_stream_data_local = want
         receiver.highest_offset = 0
@@ -420,16 +414,10 @@ class QuicEndpoint(DatagramProtocol):
         reactor: IReactorTime,
         certificates: CertificateSource,
         session_factory: SessionFactory,
-        alpn: tuple[str, ...] = ("h3",),
-        handshake_wait: float = HANDSHAKE_WAIT,
-        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.reactor = reactor
         self.certificates = certificates
         self.session_factory = session_factory
-        self.alpn = list(alpn)
-        self.handshake_wait = handshake_wait
-        self.idle_timeout = idle_timeout
         self.sessions: dict[bytes, QuicSession] = {}
         self.pending: dict[bytes, InitialPeek] = {}
         #: while True, new connections are not accepted (graceful stop)
@@ -526,7 +514,7 @@ class QuicEndpoint(DatagramProtocol):
             return
         peek.waiting = ready
         if peek.timer is not None and peek.timer.active():
-            peek.timer.reset(self.handshake_wait)
+            peek.timer.reset(HANDSHAKE_WAIT)
         ready.addBoth(self._ready, peek)
 
     def _expire(self, peek: InitialPeek) -> None:
@@ -584,9 +572,9 @@ class QuicEndpoint(DatagramProtocol):
         if configuration is None:
             configuration = QuicConfiguration(
                 is_client=False,
-                alpn_protocols=self.alpn,
+                alpn_protocols=ALPN,
                 connection_id_length=CID_LENGTH,
-                idle_timeout=self.idle_timeout,
+                idle_timeout=IDLE_TIMEOUT,
                 max_data=CONNECTION_WINDOW,
                 max_stream_data=STREAM_WINDOW,
             )
