@@ -18,10 +18,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from kamal_proxy.proxy.resource import ProbeResource, RoutingResource
+from kamal_proxy.proxy.resource import RoutingResource
 from kamal_proxy.proxy.webrequest import StreamingRequest
 
-__all__ = ["MAX_BODY", "PROBE_TIMEOUT", "ProbeResource", "ProbeRequest", "probe"]
+__all__ = ["MAX_BODY", "PROBE_TIMEOUT", "ProbeRequest", "probe"]
 
 PROBE_TIMEOUT = 2.0
 MAX_BODY = 256
